@@ -1,0 +1,110 @@
+"""The `distil` command line: one command per stage, each taking Hydra overrides.
+
+    distil train +experiment=triple_loss loss.temperature=4 run_dir=runs/exp1
+    distil train +experiment=triple_loss --cfg          # print the composed config and exit
+    accelerate launch -m distilbert_cli train ...       # the same, on several processes
+
+A command composes `conf/<config>.yaml` with the overrides and calls its stage's `run(cfg, overrides)`.
+User mistakes print one line to stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+
+import typer
+from omegaconf.errors import MissingMandatoryValue
+
+from distilbert_cli.config import compose_config, one_line, require_complete_config, to_yaml
+from distilbert_cli.errors import UsageError
+
+USAGE_EXIT_CODE = 2
+
+
+@dataclass(frozen=True)
+class StageCommand:
+    name: str
+    config: str  # primary config in conf/
+    module: str  # module with run(cfg, overrides)
+    summary: str
+    io: str
+
+
+COMMANDS = (
+    StageCommand("prepare-data", "prepare_data", "distilbert_cli.prepare_data",
+                 "Tokenize a corpus into the training set, with token counts for masking.",
+                 "reads: a corpus (data=...); writes: <run_dir>/prepare-data/"),
+    StageCommand("init-student", "init_student", "distilbert_cli.init_student",
+                 "Build the student from the teacher (layer selection, embeddings, MLM head).",
+                 "reads: teacher.name_or_path; writes: <run_dir>/init-student/model/"),
+    StageCommand("train", "train", "distilbert_cli.distill",
+                 "Distill the teacher into the student (the DistilBERT triple loss). Alias: distill.",
+                 "reads: prepare-data/, init-student/; writes: <run_dir>/distill/final/"),
+    StageCommand("finetune", "finetune", "distilbert_cli.finetune",
+                 "Fine-tune the student (or teacher) on GLUE tasks, several seeds.",
+                 "reads: distill/final/ (or any model); writes: <run_dir>/finetune/"),
+    StageCommand("eval-glue", "eval_glue", "distilbert_cli.eval_glue",
+                 "Score fine-tuned models on GLUE dev and write the paper's Table 1.",
+                 "reads: finetune/; writes: <run_dir>/eval-glue/results.md"),
+    StageCommand("bench-cpu", "bench_cpu", "distilbert_cli.bench_cpu",
+                 "Time teacher and student inference on CPU (the paper's Table 3).",
+                 "reads: teacher and distill/final/; writes: <run_dir>/bench-cpu/results.md"),
+)
+
+app = typer.Typer(
+    name="distil",
+    help="Distill a BERT-family teacher into a DistilBERT-style student, one stage per command. "
+    "Every command takes Hydra overrides (key=value, +experiment=NAME, group=option) and --cfg.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. run_dir=runs/exp1 +experiment=triple_loss",
+                            show_default=False)
+_SHOW_CFG = typer.Option(False, "--cfg", help="Print the composed config and exit.")
+
+
+def fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(USAGE_EXIT_CODE)
+
+
+def _make_command(spec: StageCommand):
+    def command(overrides: list[str] | None = _OVERRIDES, show_cfg: bool = _SHOW_CFG) -> None:
+        overrides = list(overrides or [])
+        try:
+            cfg = compose_config(spec.config, overrides)
+            if show_cfg:
+                typer.echo(to_yaml(cfg), nl=False)
+                return
+            require_complete_config(cfg)
+            from distilbert_cli.logs import setup_console_logging
+
+            setup_console_logging()
+            importlib.import_module(spec.module).run(cfg, overrides)
+        except UsageError as exc:
+            raise fail(str(exc)) from None
+        except MissingMandatoryValue as exc:
+            raise fail(f"missing required config value: {one_line(exc)}") from None
+
+    command.__doc__ = f"{spec.summary}\n\n{spec.io}. Primary config: conf/{spec.config}.yaml."
+    return command
+
+
+_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+for _spec in COMMANDS:
+    app.command(_spec.name, context_settings=_CONTEXT)(_make_command(_spec))
+    if _spec.name == "train":
+        app.command("distill", context_settings=_CONTEXT, help=f"Alias of train. {_spec.summary}")(
+            _make_command(_spec))
+
+
+def main() -> None:
+    app(prog_name="distil")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

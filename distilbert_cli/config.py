@@ -1,0 +1,110 @@
+"""Compose a stage's configuration from `conf/` with Hydra's Compose API.
+
+Every command has one primary config (`conf/<command>.yaml`); overrides are passed to Hydra
+verbatim, so `distil train +experiment=triple_loss loss.temperature=4` behaves exactly as a Hydra
+app would. Composition and type errors become `UsageError`s (one line, exit 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from distilbert_cli.errors import UsageError
+
+# A wheel carries conf/ inside the package; a source checkout (editable install) keeps it at the top.
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra and OmegaConf messages span several lines; keep the first line of each cause."""
+    parts = []
+    while exc is not None:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if first and first not in parts:
+            parts.append(first)
+        exc = exc.__cause__ or exc.__context__
+    return " ".join(parts) or "invalid configuration"
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, ListConfig | list | tuple):
+        return "list"
+    if isinstance(value, DictConfig | dict):
+        return "dict"
+    return "null"
+
+
+def _is_group(key: str) -> bool:
+    return (CONF_DIR / key.replace(".", "/")).is_dir()
+
+
+def _check_override_types(base: DictConfig, overrides: Sequence[str]) -> None:
+    """Plain YAML has no schema, so compare each `key=value` override with the default it replaces."""
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        if override.is_add() or override.is_delete() or override.is_force_add():
+            continue
+        key = override.key_or_group
+        if _is_group(key) or OmegaConf.select(base, key, default=None, throw_on_missing=False) is None:
+            continue  # group choices are Hydra's to check; `???`, null and absent defaults take any type
+        default = OmegaConf.select(base, key)
+        value = override.value()
+        if override.is_sweep_override() or _kind(value) == "null":
+            continue
+        if _kind(value) != _kind(default):
+            raise UsageError(
+                f"{key}={override.get_value_element_as_str()}: expected a {_kind(default)} "
+                f"like the default {default}, got a {_kind(value)}"
+            )
+
+
+def compose_config(command_config: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose `conf/<command_config>.yaml` with `overrides`; raise UsageError on any user mistake."""
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=command_config, overrides=list(overrides))
+            group_choices = [o for o in overrides if _is_group(o.lstrip("+~").split("=")[0])]
+            base = compose(config_name=command_config, overrides=group_choices)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UsageError(one_line(exc)) from exc
+    _check_override_types(base, overrides)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The composed config as YAML, interpolations resolved where they can be."""
+    try:
+        return OmegaConf.to_yaml(cfg, resolve=True)
+    except OmegaConfBaseException:
+        return OmegaConf.to_yaml(cfg)
+
+
+def missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted names of every required (`???`) value still unset."""
+    found = []
+    for key in cfg:
+        name = f"{prefix}{key}"
+        if OmegaConf.is_missing(cfg, key):
+            found.append(name)
+        elif isinstance(cfg[key], DictConfig):
+            found.extend(missing_keys(cfg[key], f"{name}."))
+    return found
+
+
+def require_complete_config(cfg: DictConfig) -> None:
+    if missing := missing_keys(cfg):
+        raise UsageError(f"missing required config value(s): {', '.join(missing)} (set them as overrides, "
+                         f"e.g. {missing[0]}=...)")

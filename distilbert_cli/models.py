@@ -1,0 +1,48 @@
+"""Loading tokenizers and models by hub name or local directory, with user mistakes as UsageErrors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distilbert_cli.errors import UsageError
+
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+def check_name_or_path(name_or_path: str, role: str) -> None:
+    """A string that is clearly a filesystem path must exist; anything else is taken as a hub name."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and str(name_or_path).startswith(_PATH_PREFIXES):
+        raise UsageError(f"{role} directory does not exist: {name_or_path}")
+
+
+def _load(loader, name_or_path: str, role: str, **kwargs):
+    check_name_or_path(name_or_path, role)
+    try:
+        return loader(str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().exists()
+                      else name_or_path, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load {role} from {name_or_path!r}: {first_line}") from exc
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, role: str = "tokenizer"):
+    """The fast tokenizer of a checkpoint (the slow Python tokenizers are the reference's bottleneck)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer.from_pretrained, name_or_path, role, use_fast=True,
+                      trust_remote_code=trust_remote_code)
+    if not tokenizer.is_fast:
+        raise UsageError(f"{role} {name_or_path!r} has no fast (Rust) tokenizer")
+    return tokenizer
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False, role: str = "model"):
+    from transformers import AutoConfig
+
+    return _load(AutoConfig.from_pretrained, name_or_path, role, trust_remote_code=trust_remote_code)
+
+
+def load_model(auto_class, name_or_path: str, trust_remote_code: bool = False, role: str = "model", **kwargs):
+    """`auto_class.from_pretrained` (e.g. AutoModelForMaskedLM) with missing or foreign checkpoints as UsageErrors."""
+    return _load(auto_class.from_pretrained, name_or_path, role, trust_remote_code=trust_remote_code, **kwargs)

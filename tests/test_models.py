@@ -1,0 +1,31 @@
+"""Model and tokenizer loading: local directories work, bad paths and offline hub names are one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoModelForMaskedLM
+
+from distilbert_cli.errors import UsageError
+from distilbert_cli.models import load_config, load_model, load_tokenizer
+
+
+def test_loads_local_teacher(tiny_teacher):
+    tokenizer = load_tokenizer(str(tiny_teacher))
+    model = load_model(AutoModelForMaskedLM, str(tiny_teacher), role="teacher")
+    assert tokenizer.is_fast and model.config.vocab_size == len(tokenizer)
+    assert load_config(str(tiny_teacher)).num_hidden_layers == 12
+
+
+def test_missing_path_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="teacher directory does not exist"):
+        load_model(AutoModelForMaskedLM, str(tmp_path / "nope"), role="teacher")
+
+
+def test_directory_without_a_checkpoint_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="cannot load teacher"):
+        load_model(AutoModelForMaskedLM, str(tmp_path), role="teacher")
+
+
+def test_unreachable_hub_name_is_a_usage_error():
+    with pytest.raises(UsageError, match="cannot load tokenizer from 'no-such-org/no-such-model'"):
+        load_tokenizer("no-such-org/no-such-model")

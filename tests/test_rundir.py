@@ -1,0 +1,89 @@
+"""The run-directory contract: manifests, completion, refusal to overwrite or to consume incomplete stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from distilbert_cli.errors import UsageError
+from distilbert_cli.rundir import MANIFEST, fingerprint, open_stage, require_complete
+
+MANIFEST_FIELDS = {"stage", "status", "config", "overrides", "inputs", "versions", "git_commit",
+                   "started_at", "ended_at", "fingerprint"}
+
+
+def _cfg(run_dir, overwrite=False):
+    return OmegaConf.create({"run_dir": str(run_dir), "overwrite": overwrite, "seed": 1})
+
+
+def _manifest(stage_dir):
+    return json.loads((stage_dir / MANIFEST).read_text())
+
+
+def test_complete_stage_has_every_manifest_field(run_dir, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello\n")
+    with open_stage(_cfg(run_dir), "prepare-data", ["seed=1"]) as stage:
+        assert _manifest(stage.path)["status"] == "running"
+        stage.use_path(corpus, "corpus")
+        (stage.path / "out.txt").write_text("data")
+    manifest = _manifest(run_dir / "prepare-data")
+    assert manifest.keys() >= MANIFEST_FIELDS
+    assert manifest["status"] == "complete" and manifest["overrides"] == ["seed=1"]
+    assert manifest["inputs"][0]["fingerprint"] == fingerprint(corpus)
+    assert manifest["versions"]["torch"] and manifest["ended_at"]
+    assert (run_dir / "prepare-data" / "log.txt").read_text()
+
+
+def test_crash_leaves_a_failed_not_complete_stage(run_dir):
+    with pytest.raises(RuntimeError), open_stage(_cfg(run_dir), "init-student"):
+        raise RuntimeError("boom")
+    assert _manifest(run_dir / "init-student")["status"] == "failed"
+    with pytest.raises(UsageError, match="not complete.*init-student"):
+        require_complete(run_dir, "init-student")
+
+
+def test_complete_stage_is_not_overwritten_without_overwrite(run_dir):
+    with open_stage(_cfg(run_dir), "bench-cpu") as stage:
+        (stage.path / "results.json").write_text("{}")
+    with pytest.raises(UsageError, match=f"already complete: {run_dir / 'bench-cpu'}"), \
+            open_stage(_cfg(run_dir), "bench-cpu"):
+        pass
+    assert (run_dir / "bench-cpu" / "results.json").exists()
+    with open_stage(_cfg(run_dir, overwrite=True), "bench-cpu"):
+        pass
+    assert not (run_dir / "bench-cpu" / "results.json").exists()
+
+
+def test_missing_input_stage_is_refused_with_its_path(run_dir):
+    with pytest.raises(UsageError, match=str(run_dir / "prepare-data")), open_stage(_cfg(run_dir), "distill") as stage:
+        stage.use_stage(run_dir, "prepare-data")
+
+
+def test_consumed_stage_fingerprint_is_recorded(run_dir):
+    with open_stage(_cfg(run_dir), "prepare-data") as stage:
+        (stage.path / "data.bin").write_bytes(b"123")
+    with open_stage(_cfg(run_dir), "distill") as stage:
+        stage.use_stage(run_dir, "prepare-data")
+    recorded = _manifest(run_dir / "distill")["inputs"][0]
+    assert recorded["fingerprint"] == _manifest(run_dir / "prepare-data")["fingerprint"]
+    assert recorded["fingerprint"] == fingerprint(run_dir / "prepare-data")
+
+
+def test_partial_files_are_kept_only_when_asked(run_dir):
+    with pytest.raises(RuntimeError), open_stage(_cfg(run_dir), "distill") as stage:
+        (stage.path / "checkpoint").write_text("step 5")
+        raise RuntimeError
+    with open_stage(_cfg(run_dir), "distill", keep_partial=True) as stage:
+        assert (stage.path / "checkpoint").exists()
+    with open_stage(_cfg(run_dir, overwrite=True), "distill") as stage:
+        assert not (stage.path / "checkpoint").exists()
+
+
+def test_fingerprint_changes_with_content(tmp_path):
+    (tmp_path / "a").write_text("x")
+    before = fingerprint(tmp_path)
+    (tmp_path / "a").write_text("y")
+    assert fingerprint(tmp_path) != before
