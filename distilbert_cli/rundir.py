@@ -135,6 +135,13 @@ class Stage:
         self.inputs.append({"role": role, "name": name, "fingerprint": None})
         self._write()
 
+    def use_model(self, name_or_path: str, role: str) -> None:
+        """Record a model or tokenizer: fingerprinted when it is a local directory, by name when from the hub."""
+        if Path(name_or_path).expanduser().exists():
+            self.use_path(Path(name_or_path).expanduser(), role)
+        else:
+            self.use_reference(name_or_path, role)
+
     def update(self, **fields) -> None:
         """Add stage-specific facts (layer maps, parameter counts...) to the manifest."""
         self.manifest.update(fields)
