@@ -104,6 +104,11 @@ def require_complete(run_dir: str | Path, stage: str) -> Path:
     return stage_dir
 
 
+def recorded_teacher(run_dir: str | Path) -> str:
+    """The teacher (hub name or local path) that the run's complete init-student stage was built from."""
+    return read_manifest(require_complete(run_dir, "init-student"))["teacher"]
+
+
 @dataclass
 class Stage:
     """An open stage directory: where outputs go and which inputs were consumed."""
