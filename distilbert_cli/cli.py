@@ -51,6 +51,9 @@ COMMANDS = (
     StageCommand("bench-cpu", "bench_cpu", "distilbert_cli.bench_cpu",
                  "Time teacher and student inference on CPU (the paper's Table 3).",
                  "reads: teacher and distill/final/; writes: <run_dir>/bench-cpu/results.md"),
+    StageCommand("report", "report", "distilbert_cli.report",
+                 "Write the run's report: loss curves, validation MLM, downstream and CPU tables vs baselines.",
+                 "reads: the run's stages and report.baselines; writes: <run_dir>/report/report.md"),
 )
 
 app = typer.Typer(
@@ -62,9 +65,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. run_dir=runs/exp1 +experiment=triple_loss",
-                            show_default=False)
+_OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. run_dir=runs/exp1 +experiment=triple_loss; "
+                            "a leading bare path is short for run_dir=PATH", show_default=False)
 _SHOW_CFG = typer.Option(False, "--cfg", help="Print the composed config and exit.")
+
+
+def expand_run_dir(overrides: list[str]) -> list[str]:
+    """`distil report runs/exp1 ...` means `distil report run_dir=runs/exp1 ...`."""
+    if overrides and "=" not in overrides[0] and not overrides[0].startswith(("+", "~")):
+        return [f"run_dir={overrides[0]}", *overrides[1:]]
+    return overrides
 
 
 def fail(message: str) -> typer.Exit:
@@ -74,7 +84,7 @@ def fail(message: str) -> typer.Exit:
 
 def _make_command(spec: StageCommand):
     def command(overrides: list[str] | None = _OVERRIDES, show_cfg: bool = _SHOW_CFG) -> None:
-        overrides = list(overrides or [])
+        overrides = expand_run_dir(list(overrides or []))
         try:
             cfg = compose_config(spec.config, overrides)
             if show_cfg:

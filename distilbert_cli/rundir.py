@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from distilbert_cli.errors import UsageError
 from distilbert_cli.logs import attach_file_log, detach_file_log, is_main_process, wait_for_everyone
 
-STAGES = ("prepare-data", "init-student", "distill", "finetune", "eval-glue", "bench-cpu")
+STAGES = ("prepare-data", "init-student", "distill", "finetune", "eval-glue", "bench-cpu", "report")
 MANIFEST = "manifest.json"
 # The manifest holds the fingerprint itself, and the log keeps growing after it is taken.
 _UNFINGERPRINTED = (MANIFEST, "log.txt")

@@ -16,6 +16,7 @@ PUBLIC_KEYS = {
     "finetune": ["run_dir", "overwrite", "seed", "glue.tasks", "glue.data_dir"],
     "eval_glue": ["run_dir", "overwrite", "seed", "glue.tasks", "glue.data_dir"],
     "bench_cpu": ["run_dir", "overwrite", "seed"],
+    "report": ["run_dir", "overwrite"],
 }
 
 

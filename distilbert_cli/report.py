@@ -1,0 +1,179 @@
+"""`distil report`: the paper's Tables 1, 3 and 4 for one run, beside its baselines and the published figures.
+
+    distil report runs/exp1
+    distil report run_dir=runs/demo/triple_loss 'report.baselines=[runs/demo/mlm_only,runs/demo/random_init]'
+
+Reads the complete stages of `run_dir` (init-student, distill, eval-glue, bench-cpu; each one that is
+missing is left out of the report and said so) and of each baseline run, and writes
+`<run_dir>/report/report.md` with the PNG loss curves it embeds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from distilbert_cli.errors import UsageError  # noqa: E402
+from distilbert_cli.rundir import open_stage, read_manifest  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+LOSS_COMPONENTS = ("loss", "loss_ce", "loss_mlm", "loss_cos", "loss_mse", "loss_hidden", "loss_attn")
+# The paper's Table 4: GLUE macro-score change of each ablation against the triple loss.
+PUBLISHED_ABLATIONS = {"no_ce": -2.96, "no_cos": -1.46, "no_mlm": -0.31, "random_init": -3.69}
+
+
+def complete_stage(run_dir: Path, stage: str) -> Path | None:
+    manifest = read_manifest(run_dir / stage)
+    return run_dir / stage if manifest and manifest.get("status") == "complete" else None
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def run_summary(run_dir: Path) -> dict:
+    """What one run's stages say: objective, init, validation MLM, downstream scores, parameters."""
+    summary = {"name": run_dir.name, "path": str(run_dir)}
+    if init_dir := complete_stage(run_dir, "init-student"):
+        init = read_manifest(init_dir)
+        summary.update(teacher=init["teacher"], init_strategy=init["strategy"], layer_map=init["layer_map"],
+                       param_counts=init["param_counts"], student_arch=init["student_arch"])
+    if distill_dir := complete_stage(run_dir, "distill"):
+        config = read_manifest(distill_dir)["config"]
+        summary["loss_weights"] = {k: v for k, v in config["loss"].items() if k.startswith("alpha_") and v}
+        summary["validation"] = read_json(distill_dir / "validation.json")
+        summary["metrics"] = [json.loads(line) for line in (distill_dir / "metrics.jsonl").read_text().splitlines()
+                              if line.strip()]
+    if eval_dir := complete_stage(run_dir, "eval-glue"):
+        results = read_json(eval_dir / "results.json")
+        summary["downstream"] = {model: row["score"] for model, row in results["models"].items()}
+        summary["downstream_tasks"] = {model: sorted(row["tasks"]) for model, row in results["models"].items()}
+        summary["downstream_notes"] = results["notes"]
+        summary["retention"] = results["retention"]
+    return summary
+
+
+def plot_losses(runs: list[dict], path: Path) -> bool:
+    """One panel per run: every logged loss component over optimizer steps."""
+    runs = [r for r in runs if r.get("metrics")]
+    if not runs:
+        return False
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
+    for axis, run in zip(axes[0], runs, strict=True):
+        steps = [m["step"] for m in run["metrics"]]
+        for component in LOSS_COMPONENTS:
+            if component in run["metrics"][0]:
+                axis.plot(steps, [m[component] for m in run["metrics"]], label=component)
+        axis.set(title=run["name"], xlabel="step", ylabel="loss", yscale="log")
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def ablation_table(main: dict, baselines: list[dict]) -> list[str]:
+    """Table 4 at this scale: validation MLM and downstream score of each run, with deltas vs this run."""
+    lines = ["| run | objective (weights) | init | val MLM loss | val MLM acc | downstream score | "
+             "Δ downstream vs this run | published Δ GLUE (paper Table 4) |", "|---|---|---|---|---|---|---|---|"]
+    base_score = main.get("downstream", {}).get("student")
+    for run in [main, *baselines]:
+        student = run.get("validation", {}).get("student", {})
+        score = run.get("downstream", {}).get("student")
+        delta = None if score is None or base_score is None or run is main else score - base_score
+        weights = ", ".join(f"{k.removeprefix('alpha_')} {v:g}" for k, v in run.get("loss_weights", {}).items())
+        published = PUBLISHED_ABLATIONS.get(run["name"])
+        lines.append(f"| {run['name']} | {weights or '–'} | {run.get('init_strategy', '–')} | "
+                     f"{_fmt(student.get('mlm_loss'))} | {_fmt(student.get('mlm_accuracy'))} | "
+                     f"{_fmt(score, 1)} | {'–' if delta is None else f'{delta:+.1f}'} | "
+                     f"{'–' if published is None else f'{published:+.2f} (published)'} |")
+    teacher = main.get("validation", {}).get("teacher") or {}
+    if teacher:
+        lines.append(f"| teacher | – | – | {_fmt(teacher.get('mlm_loss'))} | {_fmt(teacher.get('mlm_accuracy'))} | "
+                     f"{_fmt(main.get('downstream', {}).get('teacher'), 1)} | – | – |")
+    return lines
+
+
+def verdict(main: dict, baselines: list[dict]) -> list[str]:
+    """Say in words whether the distilled student beats each baseline, with the figures."""
+    lines = []
+    for run in baselines:
+        checks = []
+        ours, theirs = main.get("validation", {}).get("student"), run.get("validation", {}).get("student")
+        if ours and theirs:
+            better = ours["mlm_loss"] < theirs["mlm_loss"]
+            checks.append(f"validation MLM loss {ours['mlm_loss']:.3f} vs {theirs['mlm_loss']:.3f} "
+                          f"({'better' if better else 'NOT better'})")
+        ours, theirs = main.get("downstream", {}).get("student"), run.get("downstream", {}).get("student")
+        if ours is not None and theirs is not None:
+            checks.append(f"downstream {ours:.1f} vs {theirs:.1f} ({'better' if ours > theirs else 'NOT better'})")
+        if checks:
+            lines.append(f"- {main['name']} vs {run['name']}: " + "; ".join(checks))
+    return lines
+
+
+def stage_markdown(run_dir: Path, stage: str, out_dir: Path) -> list[str]:
+    """Another stage's own results.md, headings demoted, its PNGs copied beside the report."""
+    stage_dir = complete_stage(run_dir, stage)
+    if stage_dir is None or not (stage_dir / "results.md").exists():
+        return [f"_No complete `{stage}` stage in {run_dir}._"]
+    for image in stage_dir.glob("*.png"):
+        shutil.copy2(image, out_dir / f"{stage}-{image.name}")
+    text = (stage_dir / "results.md").read_text()
+    for image in stage_dir.glob("*.png"):
+        text = text.replace(f"({image.name})", f"({stage}-{image.name})")
+    return ["#" + line if line.startswith("#") else line for line in text.splitlines()]
+
+
+def render(main: dict, baselines: list[dict], run_dir: Path, out_dir: Path, teacher_note: str | None,
+           has_curves: bool) -> str:
+    counts = main.get("param_counts", {})
+    lines = [f"# DistilBERT report: {main['name']}", "",
+             f"Run directory `{run_dir}`; baselines: {', '.join(b['name'] for b in baselines) or 'none'}.", ""]
+    if "teacher" in main:
+        lines += [f"- Teacher: `{main['teacher']}`" + (f" — {teacher_note}" if teacher_note else ""),
+                  f"- Student: {main['student_arch']}, init `{main['init_strategy']}`, layer map {main['layer_map']}",
+                  f"- Parameters: teacher {counts['teacher'] / 1e6:.1f}M, student {counts['student'] / 1e6:.1f}M "
+                  f"({100 * counts['student'] / counts['teacher']:.0f}% of the teacher; the paper: 66M / 110M = 60%)",
+                  ""]
+    lines += ["## Distillation: validation MLM and downstream score (the paper's Table 4, at this scale)", "",
+              *ablation_table(main, baselines), "", *verdict(main, baselines), ""]
+    if has_curves:
+        lines += ["## Loss curves", "", "![loss curves](loss_curves.png)", ""]
+    lines += ["## Downstream (the paper's Table 1, at this scale)", "",
+              *stage_markdown(run_dir, "eval-glue", out_dir), "",
+              "## CPU inference (the paper's Table 3)", "", *stage_markdown(run_dir, "bench-cpu", out_dir), ""]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
+    run_dir = Path(cfg.run_dir)
+    baseline_dirs = [Path(p) for p in cfg.report.baselines]
+    for path in [run_dir, *baseline_dirs]:
+        if not path.is_dir():
+            raise UsageError(f"run directory not found: {path}")
+    if complete_stage(run_dir, "distill") is None:
+        raise UsageError(f"nothing to report: {run_dir / 'distill'} is not a complete distill stage")
+    with open_stage(cfg, "report", overrides) as stage:
+        main = run_summary(run_dir)
+        baselines = [run_summary(path) for path in baseline_dirs]
+        has_curves = plot_losses([main, *baselines], stage.path / "loss_curves.png")
+        report = stage.path / "report.md"
+        report.write_text(render(main, baselines, run_dir, stage.path, cfg.report.teacher_note, has_curves))
+        stage.update(baselines=[str(p) for p in baseline_dirs], verdict=verdict(main, baselines))
+        log.info("report written: %s", report)
+    return report
