@@ -1,0 +1,265 @@
+"""bench-cpu: timing statistics by hand, the harness times what it says (a 2x deeper model is ~2x slower),
+backend outputs checked against eager, the results schema, skipped backends, the workload, bad input (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import GLUE_DIR, build_tiny_bert
+from tqdm.auto import tqdm
+from typer.testing import CliRunner
+
+from distilbert_cli import bench_cpu
+from distilbert_cli.cli import app
+from distilbert_cli.config import compose_config
+from distilbert_cli.errors import UsageError
+from distilbert_cli.rundir import open_stage, read_manifest
+
+runner = CliRunner()
+# One thread: on a busy 2-core machine two OpenMP threads wait on each other and swamp the timings.
+QUICK = ["bench.num_threads=1", "bench.repeats=2", "bench.warmup_batches=2", "bench.check_examples=8",
+         f"glue.data_dir={GLUE_DIR}"]
+
+
+def _tiny_distilbert(directory, tokenizer_dir):
+    """A random DistilBertForMaskedLM (the init-student output class) with the teacher's tokenizer."""
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForMaskedLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=32, hidden_dim=64, n_layers=1, n_heads=2,
+                              max_position_embeddings=128)
+    torch.manual_seed(0)
+    DistilBertForMaskedLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run dir whose init-student recorded a 2-layer BERT teacher and whose distill/final is a DistilBERT."""
+    root = tmp_path_factory.mktemp("bench")
+    teacher = build_tiny_bert(root / "teacher", num_layers=2)
+    run_dir = root / "run"
+    with open_stage(compose_config("init_student", [f"run_dir={run_dir}"]), "init-student") as stage:
+        stage.update(teacher=str(teacher))
+    with open_stage(compose_config("train", [f"run_dir={run_dir}"]), "distill") as stage:
+        _tiny_distilbert(stage.path / "final", teacher)
+    return run_dir
+
+
+# ---- statistics by hand ---------------------------------------------------------------------------
+
+def test_summarize_timings_by_hand():
+    # 2 passes over 3 batches (sizes 1, 1, 2); per-batch medians 1.5, 3, 5 ms; pass sums 9 and 10 ms.
+    timings = np.array([[1.0, 2.0, 6.0], [2.0, 4.0, 4.0]]) * 1e-3
+    stats = bench_cpu.summarize_timings(timings, [1, 1, 2], full_examples=40)
+    assert stats["latency_ms"]["median"] == pytest.approx(3.0)
+    assert stats["latency_ms"]["p90"] == pytest.approx(3.0 + 0.8 * (5.0 - 3.0))  # linear between 2nd and 3rd
+    assert stats["latency_ms"]["mean"] == pytest.approx(9.5 / 3) and stats["latency_ms"]["min"] == pytest.approx(1.5)
+    assert stats["timed_pass_s"] == pytest.approx(9.5e-3)  # median of the two pass sums
+    assert stats["throughput_examples_per_s"] == pytest.approx(4 / 9.5e-3)
+    assert stats["full_pass_s"] == pytest.approx(9.5e-3 * 10) and stats["full_pass"] == "extrapolated"
+    assert bench_cpu.summarize_timings(timings, [1, 1, 2], full_examples=4)["full_pass"] == "measured"
+
+
+def test_make_batches_pads_to_the_longest_or_to_a_fixed_length():
+    rows = [{"input_ids": np.array([2, 7, 3]), "attention_mask": np.ones(3, dtype=np.int64)},
+            {"input_ids": np.array([2, 3]), "attention_mask": np.ones(2, dtype=np.int64)},
+            {"input_ids": np.array([2, 9, 9, 3]), "attention_mask": np.ones(4, dtype=np.int64)}]
+    first, second = bench_cpu.make_batches(rows, 2, None, pad_token_id=0)
+    np.testing.assert_array_equal(first["input_ids"], [[2, 7, 3], [2, 3, 0]])
+    np.testing.assert_array_equal(first["attention_mask"], [[1, 1, 1], [1, 1, 0]])
+    np.testing.assert_array_equal(second["input_ids"], [[2, 9, 9, 3]])
+    (fixed,) = bench_cpu.make_batches(rows[:1], 1, 5, pad_token_id=1)
+    np.testing.assert_array_equal(fixed["input_ids"], [[2, 7, 3, 1, 1]])
+
+
+def test_compare_outputs_by_hand():
+    check = bench_cpu.compare_outputs(np.array([1.0, 2.5, 2.0]), np.array([1.0, 2.0, 3.0]))
+    assert check["max_abs_diff"] == pytest.approx(1.0) and check["mean_abs_diff"] == pytest.approx(0.5)
+    assert check["spearman"] == pytest.approx(0.5)  # ranks (1, 3, 2) vs (1, 2, 3)
+    assert bench_cpu.compare_outputs(np.ones(3), np.array([1.0, 2.0, 3.0]))["spearman"] is None
+
+
+def test_summary_ratios_against_the_first_model_and_best_backend():
+    def row(model, backend, median):
+        return {"model": model, "backend": backend, "batch_size": 1, "status": "ok", "latency_ms": {"median": median}}
+
+    rows = [row("teacher", "eager", 30.0), row("teacher", "int8", 20.0), row("student", "eager", 15.0),
+            row("student", "int8", 6.0), {"model": "student", "backend": "onnx", "batch_size": 1, "status": "skipped"}]
+    summary = bench_cpu.summarize([{"name": "teacher"}, {"name": "student"}], rows, [1])
+    assert [(r["backend"], r["median_latency_ratio"]) for r in summary["latency_ratios"]] == [("eager", 2.0),
+                                                                                             ("int8", 20 / 6)]
+    best = {b["model"]: (b["backend"], b["speedup_over_eager"]) for b in summary["best_backends"]}
+    assert best == {"teacher": ("int8", 1.5), "student": ("int8", 2.5)}
+
+
+# ---- the harness times what it says ---------------------------------------------------------------
+
+def test_only_the_predict_call_is_timed():
+    def prepare(batch):
+        time.sleep(0.02)  # preparing inputs is outside the timed region
+        return batch
+
+    def predict(inputs):
+        time.sleep(0.002)
+        return np.zeros(1)
+
+    backend = bench_cpu.Backend(prepare, predict, size_bytes=0, artifact="sleep")
+    batches = [{"input_ids": np.zeros((1, 3), dtype=np.int64)}] * 3
+    timings = bench_cpu.time_batches(backend, batches, repeats=2, progress=tqdm(disable=True))
+    assert timings.shape == (2, 3)
+    assert 0.002 <= np.median(timings) < 0.015
+
+
+def test_twice_as_deep_measures_about_twice_as_slow(tmp_path):
+    shallow = build_tiny_bert(tmp_path / "shallow", num_layers=4, hidden_size=64, num_heads=4)
+    deep = build_tiny_bert(tmp_path / "deep", num_layers=8, hidden_size=64, num_heads=4)
+    cfg = compose_config("bench_cpu", [f"run_dir={tmp_path / 'run'}", f"bench.models=[{deep},{shallow}]",
+                                       "bench.backends=[eager]", "bench.max_examples=40", *QUICK,
+                                       "bench.repeats=3", "bench.warmup_batches=5"])
+    results = bench_cpu.run(cfg)
+    (ratio,) = results["summary"]["latency_ratios"]
+    assert (ratio["reference"], ratio["model"]) == ("deep", "shallow")
+    assert 1.3 < ratio["median_latency_ratio"] < 3.0, ratio
+    assert results["workload"]["timed_examples"] == 40 and results["workload"]["examples"] == 1500
+
+
+# ---- backends, outputs, schema --------------------------------------------------------------------
+
+def test_run_teacher_and_student_every_backend_checked_against_eager(tiny_run):
+    cfg = compose_config("bench_cpu", [f"run_dir={tiny_run}", "bench.backends=[eager,int8,onnx,onnx_int8]",
+                                       "bench.batch_sizes=[1,3]", "bench.max_examples=12", *QUICK])
+    threads = torch.get_num_threads()
+    results = bench_cpu.run(cfg)
+    assert torch.get_num_threads() == threads  # pinned for the benchmark only
+    stage_dir = tiny_run / "bench-cpu"
+    assert json.loads((stage_dir / "results.json").read_text()) == json.loads(json.dumps(results))
+
+    assert set(results) == {"workload", "method", "machine", "versions", "models", "results", "checks", "summary",
+                            "published"}
+    assert results["workload"]["description"].startswith("STS-B dev, 1500 pairs") and not results["workload"][
+        "generated"]
+    assert results["machine"]["threads"] == 1
+    teacher, student = results["models"]
+    assert (teacher["name"], teacher["architecture"], teacher["num_layers"]) == ("teacher",
+                                                                                 "BertForSequenceClassification", 2)
+    assert (student["name"], student["architecture"]) == ("student", "DistilBertForSequenceClassification")
+    assert student["inputs"] == ["input_ids", "attention_mask"]  # DistilBERT takes no token_type_ids
+    assert 0 < student["parameters"] < teacher["parameters"]
+
+    rows = results["results"]
+    assert len(rows) == 2 * 4 * 2 and all(row["status"] == "ok" for row in rows), [r["note"] for r in rows]
+    for row in rows:
+        assert row["timed_examples"] == 12 and row["full_pass"] == "extrapolated"
+        assert row["full_pass_s"] == pytest.approx(row["timed_pass_s"] * 1500 / 12)
+        assert 0 < row["latency_ms"]["median"] <= row["latency_ms"]["p90"]
+        assert row["size_on_disk_bytes"] > 0 and row["peak_rss_bytes"] > 2**20
+    sizes = {(r["model"], r["backend"]): r["size_on_disk_bytes"] for r in rows}
+    assert sizes["teacher", "int8"] < sizes["teacher", "eager"]
+
+    checks = {(c["model"], c["backend"]): c for c in results["checks"]}
+    assert set(checks) == {(m, b) for m in ("teacher", "student") for b in ("int8", "onnx", "onnx_int8")}
+    for model in ("teacher", "student"):
+        assert checks[model, "onnx"]["max_abs_diff"] < 1e-5 and checks[model, "onnx"]["spearman"] > 0.99
+        assert checks[model, "int8"]["max_abs_diff"] < 0.05 and checks[model, "onnx_int8"]["max_abs_diff"] < 0.05
+    assert {(r["model"], r["batch_size"]) for r in results["summary"]["best_backends"]} == {
+        (m, s) for m in ("teacher", "student") for s in (1, 3)}
+
+    markdown = (stage_dir / "results.md").read_text()
+    assert "| BERT-base | 110 | 668 |" in markdown and "| DistilBERT | 66 | 410 |" in markdown
+    assert "published, other hardware" in markdown
+    assert "Median latency ratio teacher/student (eager, batch 1)" in markdown
+    assert (stage_dir / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = read_manifest(stage_dir)
+    assert manifest["status"] == "complete"
+    assert {i.get("stage") or i["role"] for i in manifest["inputs"]} == {
+        "init-student", "distill", "model teacher", "model student", "workload"}
+
+
+def test_onnx_export_keeps_the_attention_mask_for_padded_batches(tmp_path):
+    model_dir = build_tiny_bert(tmp_path / "model", num_layers=1)
+    cfg = compose_config("bench_cpu", [*QUICK])
+    tokenizer = bench_cpu.load_tokenizer(str(model_dir))
+    _, names = bench_cpu.save_deployable(bench_cpu.ModelChoice("m", str(model_dir)), tokenizer, cfg,
+                                         tmp_path / "checkpoint")
+    texts = ["the city", "a small river", "the first book of the war", "music", "he was born in the city"]
+    workload = bench_cpu.Workload("test", False, (texts, texts[::-1]))
+    examples = bench_cpu.encode(tokenizer, workload, np.arange(len(texts)), names, 64)
+    sample = bench_cpu.export_sample(examples[0], tokenizer.pad_token_id)
+    assert sample["attention_mask"].tolist()[1].count(0) > 0
+    eager, onnx = (bench_cpu.build_backend(name, tmp_path / "checkpoint", names, sample, tmp_path, 1, cfg)
+                   for name in ("eager", "onnx"))
+    for batch in bench_cpu.make_batches(examples, 3, None, tokenizer.pad_token_id) + [sample]:
+        np.testing.assert_allclose(onnx.predict(onnx.prepare(batch)), eager.predict(eager.prepare(batch)), atol=1e-5)
+
+
+def test_compile_backend_matches_eager(tmp_path):
+    model_dir = build_tiny_bert(tmp_path / "model", num_layers=1)
+    # The dynamo-only backend keeps the test quick; inductor is the default (and needs a C++ compiler).
+    cfg = compose_config("bench_cpu", [f"run_dir={tmp_path / 'run'}", f"bench.models=[{model_dir}]",
+                                       "bench.backends=[eager,compile]", "bench.compile_backend=eager",
+                                       "bench.max_examples=6", *QUICK])
+    results = bench_cpu.run(cfg)
+    assert [row["status"] for row in results["results"]] == ["ok", "ok"]
+    (check,) = results["checks"]
+    assert check["backend"] == "compile" and check["max_abs_diff"] < 1e-5
+
+
+def test_missing_package_and_failed_build_are_skipped_with_a_note(tmp_path, monkeypatch):
+    model_dir = build_tiny_bert(tmp_path / "model", num_layers=1)
+    monkeypatch.setattr(bench_cpu, "missing_packages", lambda backend: ["onnxruntime"] if "onnx" in backend else [])
+
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    cfg = compose_config("bench_cpu", [f"run_dir={tmp_path / 'run'}", f"bench.models=[{model_dir}]",
+                                       "bench.backends=[eager,compile,onnx]", "bench.max_examples=4", *QUICK])
+    results = bench_cpu.run(cfg)
+    notes = {row["backend"]: (row["status"], row["note"]) for row in results["results"]}
+    assert notes["eager"] == ("ok", "")
+    assert notes["onnx"] == ("skipped", "skipped: onnxruntime not installed (pip install 'distilbert_cli[onnx]')")
+    assert notes["compile"] == ("skipped", "skipped: failed (RuntimeError: no C++ compiler found)")
+    assert results["checks"] == []
+    markdown = (tmp_path / "run" / "bench-cpu" / "results.md").read_text()
+    assert "## Skipped" in markdown and "model compile: skipped: failed" in markdown
+    assert read_manifest(tmp_path / "run" / "bench-cpu")["status"] == "complete"
+
+
+# ---- workload -------------------------------------------------------------------------------------
+
+def test_workload_is_stsb_dev_or_a_labelled_generated_fallback():
+    local = bench_cpu.load_workload(compose_config("bench_cpu", [f"glue.data_dir={GLUE_DIR}"]))
+    assert len(local) == 1500 and not local.generated
+    assert local.texts[0][0] == "A man with a hard hat is dancing."
+    # HF_HUB_OFFLINE=1 (conftest): the hub is unreachable, so the generated workload stands in.
+    offline = bench_cpu.load_workload(compose_config("bench_cpu"))
+    assert offline.generated and len(offline) == 1500 and offline.description.startswith("GENERATED")
+    assert "STS-B dev unreachable on the hub" in offline.description
+    assert offline.texts == bench_cpu.generated_workload(56, "x").texts  # seeded
+
+
+def test_local_glue_dir_without_stsb_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="GLUE STS-B dev file not found"):
+        bench_cpu.run(compose_config("bench_cpu", [f"glue.data_dir={tmp_path}", f"run_dir={tmp_path / 'run'}"]))
+
+
+# ---- bad input: one line, exit 2 ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["bench.models=[/no/such/model]"], "model directory does not exist: /no/such/model"),
+    (["bench.models=[/tmp]", "bench.backends=[eager,tensorrt]"], "unknown backend(s) ['tensorrt'] in bench.backends"),
+    (["bench.batch_sizes=[0]"], "bench.batch_sizes must list distinct positive sizes"),
+    (["bench.padding=none"], "bench.padding must be one of"),
+    ([], "input stage init-student not found"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, overrides, message):
+    result = runner.invoke(app, ["bench-cpu", f"run_dir={tmp_path / 'run'}", *overrides])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "bench-cpu").exists()  # nothing started
