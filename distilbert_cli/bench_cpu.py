@@ -40,8 +40,9 @@ from tqdm.auto import tqdm
 from distilbert_cli import glue
 from distilbert_cli.errors import UsageError
 from distilbert_cli.logs import is_main_process
-from distilbert_cli.models import check_name_or_path, load_config, load_model, load_tokenizer
-from distilbert_cli.rundir import open_stage, package_versions, recorded_teacher, require_complete, write_json_atomic
+from distilbert_cli.models import load_config, load_model, load_tokenizer
+from distilbert_cli.rundir import ModelChoice, open_stage, package_versions, write_json_atomic
+from distilbert_cli.rundir import resolve_models as resolve_run_models
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,6 @@ GENERATED_WORDS = (
     "said says told reports government police president market year day week time world country news"
 ).split()
 GENERATED_LENGTHS = (4, 19)  # [low, high) words per sentence
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    name: str  # as shown in the results
-    source: str  # local directory or hub name
-    stage: str | None = None  # the stage of this run it comes from
 
 
 @dataclass(frozen=True)
@@ -124,19 +118,8 @@ def check_bench_config(cfg: DictConfig) -> None:
 
 
 def resolve_models(cfg: DictConfig) -> list[ModelChoice]:
-    """`bench.models` entries as (name, source); the run's teacher and student need their complete stages."""
-    choices = []
-    for entry in map(str, cfg.bench.models):
-        if entry == "student":
-            choices.append(ModelChoice(entry, str(require_complete(cfg.run_dir, "distill") / "final"), "distill"))
-        elif entry == "teacher":
-            choices.append(ModelChoice(entry, recorded_teacher(cfg.run_dir), "init-student"))
-        else:
-            check_name_or_path(entry, "model")
-            choices.append(ModelChoice(Path(entry).name, entry))
-    names = [choice.name for choice in choices]
-    if not choices or len(set(names)) != len(names):
-        raise UsageError(f"bench.models must name each model once (names {names}); e.g. bench.models=[teacher,student]")
+    """`bench.models` entries as (name, source, role); the run's teacher and student need their complete stages."""
+    choices = resolve_run_models(cfg.run_dir, cfg.bench.models, "bench.models")
     for choice in choices:
         config = load_config(choice.source, cfg.bench.trust_remote_code, role=f"model {choice.name}")
         if cfg.bench.max_seq_length > config.max_position_embeddings:

@@ -18,7 +18,6 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,20 +29,13 @@ from tqdm.auto import tqdm
 from distilbert_cli import glue
 from distilbert_cli.errors import UsageError
 from distilbert_cli.losses import soft_target_loss
-from distilbert_cli.models import check_name_or_path, load_config, load_model, load_tokenizer
-from distilbert_cli.rundir import open_stage, recorded_teacher, require_complete
+from distilbert_cli.models import load_config, load_model, load_tokenizer
+from distilbert_cli.rundir import ModelChoice, open_stage
+from distilbert_cli.rundir import resolve_models as resolve_run_models
 
 log = logging.getLogger(__name__)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-RESERVED_MODELS = ("student", "teacher")
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    name: str  # folder name under finetune/
-    source: str  # local directory or hub name
-    role: str  # student, teacher, or other
 
 
 # ---- losses --------------------------------------------------------------------------------------
@@ -153,24 +145,8 @@ def check_sequence_classification(name_or_path: str, role: str, trust_remote_cod
 
 
 def resolve_models(cfg: DictConfig) -> list[ModelChoice]:
-    """`finetune.models` entries as (folder name, source), checked to exist before any work."""
-    choices = []
-    for entry in cfg.finetune.models:
-        entry = str(entry)
-        if entry == "student":
-            choices.append(ModelChoice(entry, str(require_complete(cfg.run_dir, "distill") / "final"), entry))
-        elif entry == "teacher":
-            choices.append(ModelChoice(entry, recorded_teacher(cfg.run_dir), entry))
-        else:
-            check_name_or_path(entry, "model")
-            name = Path(entry).name
-            # "student" and "teacher" folders mean this run's models (eval-glue labels them "ours").
-            choices.append(ModelChoice(f"model-{name}" if name in RESERVED_MODELS else name, entry, "other"))
-    names = [choice.name for choice in choices]
-    if not choices or len(set(names)) != len(names):
-        raise UsageError(f"finetune.models must name each model once (folder names {names}); "
-                         f"e.g. finetune.models=[student,teacher]")
-    return choices
+    """`finetune.models` entries as (folder name, source, role), checked to exist before any work."""
+    return resolve_run_models(cfg.run_dir, cfg.finetune.models, "finetune.models")
 
 
 def load_classifier(source: str, task: glue.GlueTask, trust_remote_code: bool, role: str):

@@ -185,7 +185,7 @@ def test_onnx_export_keeps_the_attention_mask_for_padded_batches(tmp_path):
     model_dir = build_tiny_bert(tmp_path / "model", num_layers=1)
     cfg = compose_config("bench_cpu", [*QUICK])
     tokenizer = bench_cpu.load_tokenizer(str(model_dir))
-    _, names = bench_cpu.save_deployable(bench_cpu.ModelChoice("m", str(model_dir)), tokenizer, cfg,
+    _, names = bench_cpu.save_deployable(bench_cpu.ModelChoice("m", str(model_dir), "other"), tokenizer, cfg,
                                          tmp_path / "checkpoint")
     texts = ["the city", "a small river", "the first book of the war", "music", "he was born in the city"]
     workload = bench_cpu.Workload("test", False, (texts, texts[::-1]))
