@@ -12,12 +12,20 @@ LOGGER_NAME = "distilbert_cli"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def distributed_state() -> PartialState:
+    """The process group. Without a GPU, processes started by torchrun or `accelerate launch --cpu` form a
+    gloo group: accelerate only does that when the first PartialState is created with cpu=True."""
+    import torch
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def is_main_process() -> bool:
-    return PartialState().is_main_process
+    return distributed_state().is_main_process
 
 
 def wait_for_everyone() -> None:
-    PartialState().wait_for_everyone()
+    distributed_state().wait_for_everyone()
 
 
 def setup_console_logging(level: int = logging.INFO) -> None:
