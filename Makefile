@@ -31,9 +31,8 @@ test: install ## Run the test suite
 lint: install ## Run ruff
 	$(BIN)/ruff check .
 
-demo: install ## Run the whole pipeline on the embedded default (real teacher, corpus and task)
-	@echo "make demo: the embedded end-to-end default lands with its own issue; stages so far:"
-	$(BIN)/distil --help
+demo: install ## Run the whole pipeline on the embedded default and write runs/demo/triple_loss/report/report.md
+	$(BIN)/python scripts/demo.py --root runs/demo
 
 clean: ## Remove the virtual environment and caches (keeps runs/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -131,12 +131,15 @@ def stage_markdown(run_dir: Path, stage: str, out_dir: Path) -> list[str]:
     stage_dir = complete_stage(run_dir, stage)
     if stage_dir is None or not (stage_dir / "results.md").exists():
         return [f"_No complete `{stage}` stage in {run_dir}._"]
-    for image in stage_dir.glob("*.png"):
-        shutil.copy2(image, out_dir / f"{stage}-{image.name}")
     text = (stage_dir / "results.md").read_text()
-    for image in stage_dir.glob("*.png"):
-        text = text.replace(f"({image.name})", f"({stage}-{image.name})")
-    return ["#" + line if line.startswith("#") else line for line in text.splitlines()]
+    charts = []
+    for image in sorted(stage_dir.glob("*.png")):
+        shutil.copy2(image, out_dir / f"{stage}-{image.name}")
+        if f"({image.name})" in text:
+            text = text.replace(f"({image.name})", f"({stage}-{image.name})")
+        else:
+            charts.append(f"![{stage} {image.stem}]({stage}-{image.name})")
+    return ["##" + line if line.startswith("#") else line for line in text.splitlines()] + ["", *charts]
 
 
 def render(main: dict, baselines: list[dict], run_dir: Path, out_dir: Path, teacher_note: str | None,

@@ -55,6 +55,20 @@ def build_tiny_bert(directory: Path, num_layers: int = 12, hidden_size: int = 32
     return directory
 
 
+def build_tiny_distilbert(directory: Path, tokenizer_dir: Path, num_layers: int) -> Path:
+    """A random 32-wide DistilBertForMaskedLM (the init-student output class) with the teacher's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForMaskedLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=32, hidden_dim=64, n_layers=num_layers, n_heads=2,
+                              max_position_embeddings=128)
+    torch.manual_seed(0)
+    DistilBertForMaskedLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     """A 12-layer, 32-wide random BertForMaskedLM with its tokenizer, saved once per test session."""

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import GLUE_DIR, build_tiny_bert
+from conftest import GLUE_DIR, build_tiny_bert, build_tiny_distilbert
 from tqdm.auto import tqdm
 from typer.testing import CliRunner
 
@@ -25,17 +25,6 @@ QUICK = ["bench.num_threads=1", "bench.repeats=2", "bench.warmup_batches=2", "be
          f"glue.data_dir={GLUE_DIR}"]
 
 
-def _tiny_distilbert(directory, tokenizer_dir):
-    """A random DistilBertForMaskedLM (the init-student output class) with the teacher's tokenizer."""
-    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForMaskedLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=32, hidden_dim=64, n_layers=1, n_heads=2,
-                              max_position_embeddings=128)
-    torch.manual_seed(0)
-    DistilBertForMaskedLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +36,7 @@ def tiny_run(tmp_path_factory):
     with open_stage(compose_config("init_student", [f"run_dir={run_dir}"]), "init-student") as stage:
         stage.update(teacher=str(teacher))
     with open_stage(compose_config("train", [f"run_dir={run_dir}"]), "distill") as stage:
-        _tiny_distilbert(stage.path / "final", teacher)
+        build_tiny_distilbert(stage.path / "final", teacher, num_layers=1)
     return run_dir
 
 

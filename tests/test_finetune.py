@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import GLUE_DIR, build_tiny_bert
+from conftest import GLUE_DIR, build_tiny_bert, build_tiny_distilbert
 from typer.testing import CliRunner
 
 from distilbert_cli import eval_glue, finetune, glue
@@ -69,21 +69,11 @@ def test_median_over_seeds_task_scores_and_retention():
 
 # ---- inputs -------------------------------------------------------------------------------------
 
-def _tiny_distilbert(directory, tokenizer_dir):
-    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForMaskedLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=32, hidden_dim=64, n_layers=2, n_heads=2,
-                              max_position_embeddings=128)
-    torch.manual_seed(0)
-    DistilBertForMaskedLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def test_distilbert_gets_no_token_type_ids(tmp_path):
     teacher = build_tiny_bert(tmp_path / "teacher", num_layers=1)
-    student = _tiny_distilbert(tmp_path / "student", teacher)
+    student = build_tiny_distilbert(tmp_path / "student", teacher, num_layers=2)
     rte = glue.get_task("rte")
     model = finetune.load_classifier(str(student), rte, False, "student")
     assert "token_type_ids" not in finetune.forward_inputs(model)
@@ -107,7 +97,7 @@ def _invoke(command, *overrides):
 def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     teacher = build_tiny_bert(root / "teacher", num_layers=2)
-    return {"teacher": teacher, "student": _tiny_distilbert(root / "student", teacher)}
+    return {"teacher": teacher, "student": build_tiny_distilbert(root / "student", teacher, num_layers=2)}
 
 
 def test_unknown_task_exits_2(tmp_path):
@@ -179,7 +169,7 @@ def _fake_upstream_stages(run_dir, tiny_models):
     with open_stage(compose_config("init_student", [f"run_dir={run_dir}"]), "init-student") as stage:
         stage.update(teacher=str(tiny_models["teacher"]))
     with open_stage(compose_config("train", [f"run_dir={run_dir}"]), "distill") as stage:
-        _tiny_distilbert(stage.path / "final", tiny_models["teacher"])
+        build_tiny_distilbert(stage.path / "final", tiny_models["teacher"], num_layers=2)
 
 
 def test_finetune_student_and_teacher_with_soft_targets_then_eval_glue(tmp_path, tiny_models):

@@ -1,0 +1,99 @@
+"""The whole pipeline through the `distil` CLI on a tiny teacher, a baseline run, and `distil report`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import GLUE_DIR, tiny_vocab
+from typer.testing import CliRunner
+
+from distilbert_cli.cli import app
+from distilbert_cli.rundir import read_manifest
+
+runner = CliRunner()
+FINETUNE_SMOKE = ["glue.tasks=[rte]", f"glue.data_dir={GLUE_DIR}", "finetune.epochs=1",
+                  "finetune.max_train_samples=64", "finetune.max_eval_samples=32", "finetune.max_seq_length=64"]
+
+
+def distil(*args: str) -> None:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+
+
+def write_corpus(path: Path, n_lines: int = 60) -> Path:
+    words = [w for w in tiny_vocab()[5:] if w.isalpha() and len(w) > 1]
+    rng = np.random.default_rng(0)
+    path.write_text("".join(" ".join(rng.choice(words, size=rng.integers(12, 40))) + "\n" for _ in range(n_lines)))
+    return path
+
+
+def distilled_run(run_dir: Path, teacher: Path, corpus: Path, experiment: str) -> None:
+    distil("prepare-data", f"run_dir={run_dir}", f"teacher.name_or_path={teacher}", "data=local",
+           f"data.paths=[{corpus}]", "prepare.validation_size=12", "prepare.num_proc=1", "prepare.max_seq_length=64")
+    distil("init-student", f"run_dir={run_dir}", f"teacher.name_or_path={teacher}", "student.num_layers=3",
+           f"+experiment={experiment}")
+    distil("train", f"run_dir={run_dir}", f"+experiment={experiment}", "+debug=tiny")
+
+
+@pytest.fixture(scope="module")
+def demo_like_runs(tmp_path_factory, tiny_teacher) -> tuple[Path, Path]:
+    if not (GLUE_DIR / "RTE" / "train.tsv").exists():
+        pytest.skip(f"no GLUE files at {GLUE_DIR}")
+    root = tmp_path_factory.mktemp("pipeline")
+    corpus = write_corpus(root / "corpus.txt")
+    main, baseline = root / "triple_loss", root / "random_init"
+    distilled_run(main, tiny_teacher, corpus, "triple_loss")
+    distilled_run(baseline, tiny_teacher, corpus, "random_init")
+    distil("finetune", f"run_dir={main}", "finetune.models=[student,teacher]", *FINETUNE_SMOKE)
+    distil("finetune", f"run_dir={baseline}", *FINETUNE_SMOKE)
+    for run_dir in (main, baseline):
+        distil("eval-glue", f"run_dir={run_dir}", "glue.tasks=[rte]", f"glue.data_dir={GLUE_DIR}")
+    distil("bench-cpu", f"run_dir={main}", "glue.tasks=[rte]", f"glue.data_dir={GLUE_DIR}", "bench.backends=[eager]",
+           "bench.max_examples=8", "bench.warmup_batches=1", "bench.repeats=1", "bench.check_examples=4")
+    distil("report", str(main), f"report.baselines=[{baseline}]", "report.teacher_note=a tiny random BERT")
+    return main, baseline
+
+
+def test_every_stage_of_the_run_is_complete(demo_like_runs):
+    main, _ = demo_like_runs
+    for stage in ("prepare-data", "init-student", "distill", "finetune", "eval-glue", "bench-cpu", "report"):
+        assert read_manifest(main / stage)["status"] == "complete", stage
+
+
+def test_report_compares_the_run_with_its_baseline(demo_like_runs):
+    main, baseline = demo_like_runs
+    report = (main / "report" / "report.md").read_text()
+    validation = json.loads((baseline / "distill" / "validation.json").read_text())
+    baseline_row = next(line for line in report.splitlines() if line.startswith("| random_init |"))
+    assert f"{validation['student']['mlm_loss']:.3f}" in baseline_row and "random (published" not in baseline_row
+    assert "-3.69 (published)" in baseline_row  # the paper's Table 4 figure for random init
+    assert "| teacher |" in report and "a tiny random BERT" in report
+    assert "triple_loss vs random_init: validation MLM loss" in report
+    assert "![loss curves](loss_curves.png)" in report and (main / "report" / "loss_curves.png").stat().st_size > 0
+    assert "student (ours)" in report and "teacher (ours)" in report  # eval-glue's Table 1, embedded
+    assert "668" in report and "(bench-cpu-latency.png)" in report  # bench-cpu's Table 3 and its chart
+    assert (main / "report" / "bench-cpu-latency.png").exists()
+    assert read_manifest(main / "report")["baselines"] == [str(baseline)]
+
+
+def test_report_refuses_a_run_without_a_distill_stage(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["report", str(tmp_path / "empty")])
+    assert result.exit_code == 2 and "distill" in result.output
+    result = runner.invoke(app, ["report", str(tmp_path / "empty"), f"report.baselines=[{tmp_path / 'nope'}]"])
+    assert result.exit_code == 2 and "run directory not found" in result.output
+
+
+def test_rerunning_a_complete_stage_is_refused_in_one_line(demo_like_runs, tmp_path):
+    main, _ = demo_like_runs
+    copy = tmp_path / "copy"
+    shutil.copytree(main / "report", copy / "report")
+    shutil.copytree(main / "distill", copy / "distill")
+    result = runner.invoke(app, ["report", str(copy)])
+    assert result.exit_code == 2
+    expected = f"error: stage already complete: {copy / 'report'} (pass overwrite=true to replace it)"
+    assert result.output.strip() == expected
