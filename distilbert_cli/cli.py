@@ -108,7 +108,7 @@ _CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 for _spec in COMMANDS:
     app.command(_spec.name, context_settings=_CONTEXT)(_make_command(_spec))
     if _spec.name == "train":
-        app.command("distill", context_settings=_CONTEXT, help=f"Alias of train. {_spec.summary}")(
+        app.command("distill", context_settings=_CONTEXT, help="Alias of train.")(
             _make_command(_spec))
 
 
