@@ -5,8 +5,8 @@
     python scripts/bench_cpu_table3.py --run-dir runs/table3-quick glue.data_dir=../shared/glue \
         bench.max_examples=100 bench.repeats=2 'bench.backends=[eager,int8,onnx,onnx_int8]'
 
-Builds the two models under <run-dir>/models/ (untimed; reused when present), then runs the bench-cpu stage
-on them with `bench.models=[teacher, student]` (every other override is passed through) and prints the
+Builds the two models under <run-dir>/models/bert-base and distilbert-base (untimed; reused when present),
+then runs the bench-cpu stage on them, teacher first (every other override is passed through), and prints the
 teacher/student median latency ratio (acceptance: at least 1.7; the paper's full-pass ratio is 1.63) and the
 student's fastest backend with its speed-up over eager fp32. Full results: <run-dir>/bench-cpu/results.md.
 Tokenizer: bert-base-uncased's WordPiece vocabulary, which the all-MiniLM-L6-v2 demo asset
@@ -37,15 +37,15 @@ def build_models(models_dir: Path, tokenizer_name: str, seed: int) -> tuple[Path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     built = {}
     for name, model_class, config in (
-        ("teacher", BertForMaskedLM, BertConfig(vocab_size=len(tokenizer))),  # defaults: bert-base-uncased
-        ("student", DistilBertForMaskedLM, DistilBertConfig(vocab_size=len(tokenizer))),  # distilbert-base
+        ("bert-base", BertForMaskedLM, BertConfig(vocab_size=len(tokenizer))),  # defaults: bert-base-uncased
+        ("distilbert-base", DistilBertForMaskedLM, DistilBertConfig(vocab_size=len(tokenizer))),
     ):
         directory = built[name] = models_dir / name
         if not (directory / "config.json").exists():
             torch.manual_seed(seed)
             model_class(config).save_pretrained(directory)
             tokenizer.save_pretrained(directory)
-    return built["teacher"], built["student"]
+    return built["bert-base"], built["distilbert-base"]
 
 
 def main() -> None:
@@ -63,10 +63,10 @@ def main() -> None:
           f"{results['machine']['threads']} threads, {results['machine']['cpu']}")
     for row in results["results"]:
         if row["status"] == "ok" and row["batch_size"] == 1:
-            print(f"{row['model']:8s} {row['backend']:10s} median {row['latency_ms']['median']:8.2f} ms  "
+            print(f"{row['model']:15s} {row['backend']:10s} median {row['latency_ms']['median']:8.2f} ms  "
                   f"p90 {row['latency_ms']['p90']:8.2f} ms  full pass {row['full_pass_s']:7.1f} s ({row['full_pass']})")
         elif row["status"] != "ok" and row["batch_size"] == 1:
-            print(f"{row['model']:8s} {row['backend']:10s} {row['note']}")
+            print(f"{row['model']:15s} {row['backend']:10s} {row['note']}")
     for line in bench_cpu.summary_lines(results):
         print(line)
     eager_ratio = [r for r in results["summary"]["latency_ratios"] if r["backend"] == "eager" and r["batch_size"] == 1]
