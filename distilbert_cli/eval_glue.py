@@ -12,6 +12,7 @@ DistilBERT rows (published), and the student/teacher retention (the paper's "97%
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,18 +46,28 @@ def split_metrics(task: glue.GlueTask, by_split: dict, where: Path) -> dict[str,
             for name, value in glue.compute_metrics(task.name, predictions, labels).items()}
 
 
-def collect_finetuned(finetune_dir: Path, tasks: Sequence[glue.GlueTask]) -> list[dict]:
-    """One record per <model>/<task>/seed-<s>/predictions.jsonl under the finetune stage."""
-    records = []
+def finetuned_runs(finetune_dir: Path, tasks: Sequence[glue.GlueTask],
+                   models: Sequence[str] | None = None) -> list[dict]:
+    """Every <model>/<task>/seed-<s>/ under the finetune stage with its dev {split: (predictions, labels)}."""
+    runs = []
     for model_dir in sorted(p for p in finetune_dir.iterdir() if p.is_dir()):
+        if models is not None and model_dir.name not in models:
+            continue
         for task in tasks:
             for seed_dir in sorted((model_dir / task.name).glob("seed-*")):
                 predictions = seed_dir / "predictions.jsonl"
                 if not predictions.is_file():
                     raise UsageError(f"fine-tuned run without dev predictions: {predictions} is missing")
-                seed = int(seed_dir.name.removeprefix("seed-"))
-                records.append({"model": model_dir.name, "task": task.name, "seed": seed,
-                                "metrics": split_metrics(task, read_predictions(predictions), seed_dir)})
+                runs.append({"model": model_dir.name, "task": task, "seed": int(seed_dir.name.removeprefix("seed-")),
+                             "by_split": read_predictions(predictions), "where": seed_dir})
+    return runs
+
+
+def collect_finetuned(finetune_dir: Path, tasks: Sequence[glue.GlueTask]) -> list[dict]:
+    """One record per <model>/<task>/seed-<s>/predictions.jsonl under the finetune stage."""
+    records = [{"model": run["model"], "task": run["task"].name, "seed": run["seed"],
+                "metrics": split_metrics(run["task"], run["by_split"], run["where"])}
+               for run in finetuned_runs(finetune_dir, tasks)]
     if not records:
         raise UsageError(f"no fine-tuned runs for {[t.name for t in tasks]} under {finetune_dir} "
                          f"(run `distil finetune` with those glue.tasks first)")
@@ -137,6 +148,44 @@ def retention(summary: dict) -> dict | None:
     student, teacher = ([summary[m]["tasks"][t]["score"] for t in common] for m in ("student", "teacher"))
     return {"tasks": common, "student": float(np.mean(student)), "teacher": float(np.mean(teacher)),
             "percent": float(100 * np.mean(student) / np.mean(teacher))}
+
+
+def paired_bootstrap(ours: list[dict], theirs: list[dict], resamples: int, seed: int) -> dict | None:
+    """How sure is score(ours) - score(theirs)? Both lists are `finetuned_runs` of one model each, scored as the
+    table scores them (median over seeds, mean over tasks). The dev examples are resampled with replacement,
+    the same draws for both models (a paired bootstrap), `resamples` times; returns the observed difference and
+    its 95% percentile interval, or None when the two were not evaluated on the same dev examples."""
+    def score(runs, draws):
+        records = []
+        for run in runs:
+            task = run["task"]
+            resampled = {split: (predictions[draws[task.name, split]], labels[draws[task.name, split]])
+                         for split, (predictions, labels) in run["by_split"].items()}
+            records.append({"model": "", "task": task.name, "seed": run["seed"],
+                            "metrics": split_metrics(task, resampled, run["where"])})
+        return summarize(records)[""]["score"]
+
+    if not ours or {run["task"].name for run in ours} != {run["task"].name for run in theirs}:
+        return None
+    gold = {}
+    for run in [*ours, *theirs]:
+        for split, (_, labels) in run["by_split"].items():
+            if not np.array_equal(gold.setdefault((run["task"].name, split), labels), labels):
+                return None
+    identity = {key: np.arange(len(values)) for key, values in gold.items()}
+    observed = score(ours, identity) - score(theirs, identity)
+    rng = np.random.default_rng(seed)
+    differences = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a resample with one class makes MCC / Pearson undefined: dropped below
+        for _ in range(resamples):
+            draws = {key: rng.integers(0, len(values), len(values)) for key, values in gold.items()}
+            differences.append(score(ours, draws) - score(theirs, draws))
+    differences = np.asarray(differences)
+    differences = differences[np.isfinite(differences)]
+    low, high = np.percentile(differences, [2.5, 97.5])
+    return {"difference": float(observed), "low": float(low), "high": float(high), "resamples": int(differences.size),
+            "dev_examples": int(sum(len(values) for values in gold.values()))}
 
 
 def _cell(value: float | None) -> str:

@@ -5,7 +5,8 @@
 
 Reads the complete stages of `run_dir` (init-student, distill, eval-glue, bench-cpu; each one that is
 missing is left out of the report and said so) and of each baseline run, and writes
-`<run_dir>/report/report.md` with the PNG loss curves it embeds.
+`<run_dir>/report/report.md` with the PNG loss curves it embeds. Whether the student's downstream score beats a
+baseline's is judged with a paired bootstrap over the dev examples of finetune's saved predictions.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from distilbert_cli import eval_glue, glue  # noqa: E402
 from distilbert_cli.errors import UsageError  # noqa: E402
 from distilbert_cli.rundir import open_stage, read_manifest  # noqa: E402
 
@@ -108,10 +110,22 @@ def ablation_table(main: dict, baselines: list[dict]) -> list[str]:
     return lines
 
 
-def verdict(main: dict, baselines: list[dict]) -> list[str]:
-    """Say in words whether the distilled student beats each baseline, with the figures."""
+def downstream_comparison(main: dict, baseline: dict, resamples: int, seed: int) -> dict | None:
+    """Paired bootstrap of the student's downstream score against the baseline's student, on their common tasks."""
+    tasks = sorted(set(main.get("downstream_tasks", {}).get("student", ()))
+                   & set(baseline.get("downstream_tasks", {}).get("student", ())))
+    finetune_dirs = [complete_stage(Path(run["path"]), "finetune") for run in (main, baseline)]
+    if not tasks or None in finetune_dirs:
+        return None
+    ours, theirs = (eval_glue.finetuned_runs(path, glue.get_tasks(tasks), models=["student"]) for path in finetune_dirs)
+    return eval_glue.paired_bootstrap(ours, theirs, resamples, seed)
+
+
+def verdict(main: dict, baselines: list[dict], comparisons: list[dict | None]) -> list[str]:
+    """Say in words whether the distilled student beats each baseline, with the figures and, for the downstream
+    score, whether the difference is beyond the noise of the dev set."""
     lines = []
-    for run in baselines:
+    for run, comparison in zip(baselines, comparisons, strict=True):
         checks = []
         ours, theirs = main.get("validation", {}).get("student"), run.get("validation", {}).get("student")
         if ours and theirs:
@@ -120,7 +134,14 @@ def verdict(main: dict, baselines: list[dict]) -> list[str]:
                           f"({'better' if better else 'NOT better'})")
         ours, theirs = main.get("downstream", {}).get("student"), run.get("downstream", {}).get("student")
         if ours is not None and theirs is not None:
-            checks.append(f"downstream {ours:.1f} vs {theirs:.1f} ({'better' if ours > theirs else 'NOT better'})")
+            noise = ""
+            if comparison is not None:
+                within = comparison["low"] <= 0 <= comparison["high"]
+                noise = (f"; difference {comparison['difference']:+.1f}, 95% paired-bootstrap interval "
+                         f"[{comparison['low']:+.1f}, {comparison['high']:+.1f}] over {comparison['dev_examples']} "
+                         f"dev examples: {'within noise' if within else 'beyond noise'}")
+            checks.append(f"downstream {ours:.1f} vs {theirs:.1f} ({'better' if ours > theirs else 'NOT better'}"
+                          f"{noise})")
         if checks:
             lines.append(f"- {main['name']} vs {run['name']}: " + "; ".join(checks))
     return lines
@@ -142,8 +163,8 @@ def stage_markdown(run_dir: Path, stage: str, out_dir: Path) -> list[str]:
     return ["##" + line if line.startswith("#") else line for line in text.splitlines()] + ["", *charts]
 
 
-def render(main: dict, baselines: list[dict], run_dir: Path, out_dir: Path, teacher_note: str | None,
-           has_curves: bool) -> str:
+def render(main: dict, baselines: list[dict], verdict_lines: list[str], run_dir: Path, out_dir: Path,
+           teacher_note: str | None, has_curves: bool) -> str:
     counts = main.get("param_counts", {})
     lines = [f"# DistilBERT report: {main['name']}", "",
              f"Run directory `{run_dir}`; baselines: {', '.join(b['name'] for b in baselines) or 'none'}.", ""]
@@ -154,7 +175,7 @@ def render(main: dict, baselines: list[dict], run_dir: Path, out_dir: Path, teac
                   f"({100 * counts['student'] / counts['teacher']:.0f}% of the teacher; the paper: 66M / 110M = 60%)",
                   ""]
     lines += ["## Distillation: validation MLM and downstream score (the paper's Table 4, at this scale)", "",
-              *ablation_table(main, baselines), "", *verdict(main, baselines), ""]
+              *ablation_table(main, baselines), "", *verdict_lines, ""]
     if has_curves:
         lines += ["## Loss curves", "", "![loss curves](loss_curves.png)", ""]
     lines += ["## Downstream (the paper's Table 1, at this scale)", "",
@@ -169,14 +190,22 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     for path in [run_dir, *baseline_dirs]:
         if not path.is_dir():
             raise UsageError(f"run directory not found: {path}")
+    if cfg.report.bootstrap_resamples < 0:
+        raise UsageError(f"report.bootstrap_resamples must be >= 0 (0: off), got {cfg.report.bootstrap_resamples}")
     if complete_stage(run_dir, "distill") is None:
         raise UsageError(f"nothing to report: {run_dir / 'distill'} is not a complete distill stage")
     with open_stage(cfg, "report", overrides) as stage:
         main = run_summary(run_dir)
         baselines = [run_summary(path) for path in baseline_dirs]
         has_curves = plot_losses([main, *baselines], stage.path / "loss_curves.png")
+        resamples = cfg.report.bootstrap_resamples
+        comparisons = [downstream_comparison(main, baseline, resamples, cfg.seed) if resamples else None
+                       for baseline in baselines]
+        verdict_lines = verdict(main, baselines, comparisons)
         report = stage.path / "report.md"
-        report.write_text(render(main, baselines, run_dir, stage.path, cfg.report.teacher_note, has_curves))
-        stage.update(baselines=[str(p) for p in baseline_dirs], verdict=verdict(main, baselines))
+        report.write_text(render(main, baselines, verdict_lines, run_dir, stage.path, cfg.report.teacher_note,
+                                 has_curves))
+        stage.update(baselines=[str(p) for p in baseline_dirs], verdict=verdict_lines,
+                     downstream_comparisons=comparisons)
         log.info("report written: %s", report)
     return report

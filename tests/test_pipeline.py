@@ -73,6 +73,9 @@ def test_report_compares_the_run_with_its_baseline(demo_like_runs):
     assert "-3.69 (published)" in baseline_row  # the paper's Table 4 figure for random init
     assert "| teacher |" in report and "a tiny random BERT" in report
     assert "triple_loss vs random_init: validation MLM loss" in report
+    assert "95% paired-bootstrap interval" in report and "over 32 dev examples" in report  # RTE dev, capped at 32
+    (comparison,) = read_manifest(main / "report")["downstream_comparisons"]
+    assert comparison["resamples"] == 1000 and comparison["low"] <= comparison["difference"] <= comparison["high"]
     assert "![loss curves](loss_curves.png)" in report and (main / "report" / "loss_curves.png").stat().st_size > 0
     assert "student (ours)" in report and "teacher (ours)" in report  # eval-glue's Table 1, embedded
     assert "668" in report and "(bench-cpu-latency.png)" in report  # bench-cpu's Table 3 and its chart
@@ -86,6 +89,8 @@ def test_report_refuses_a_run_without_a_distill_stage(tmp_path):
     assert result.exit_code == 2 and "distill" in result.output
     result = runner.invoke(app, ["report", str(tmp_path / "empty"), f"report.baselines=[{tmp_path / 'nope'}]"])
     assert result.exit_code == 2 and "run directory not found" in result.output
+    result = runner.invoke(app, ["report", str(tmp_path / "empty"), "report.bootstrap_resamples=-1"])
+    assert result.exit_code == 2 and "report.bootstrap_resamples must be >= 0" in result.output
 
 
 def test_rerunning_a_complete_stage_is_refused_in_one_line(demo_like_runs, tmp_path):
