@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from distilbert_cli import glue
 from distilbert_cli.errors import UsageError
@@ -178,7 +179,7 @@ def paired_bootstrap(ours: list[dict], theirs: list[dict], resamples: int, seed:
     differences = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a resample with one class makes MCC / Pearson undefined: dropped below
-        for _ in range(resamples):
+        for _ in tqdm(range(resamples), desc="paired bootstrap", leave=False):
             draws = {key: rng.integers(0, len(values), len(values)) for key, values in gold.items()}
             differences.append(score(ours, draws) - score(theirs, draws))
     differences = np.asarray(differences)

@@ -144,6 +144,9 @@ def verdict(main: dict, baselines: list[dict], comparisons: list[dict | None]) -
                           f"{noise})")
         if checks:
             lines.append(f"- {main['name']} vs {run['name']}: " + "; ".join(checks))
+    if any(comparisons):
+        lines += ["", "The intervals resample the dev examples only: the spread between fine-tuning seeds comes on "
+                      "top (fine-tune with several `finetune.seeds`: the score is then the median over seeds)."]
     return lines
 
 
