@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from distilbert_cli.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 _PATH_PREFIXES = ("/", "./", "../", "~")
 
@@ -44,5 +47,32 @@ def load_config(name_or_path: str, trust_remote_code: bool = False, role: str = 
 
 
 def load_model(auto_class, name_or_path: str, trust_remote_code: bool = False, role: str = "model", **kwargs):
-    """`auto_class.from_pretrained` (e.g. AutoModelForMaskedLM) with missing or foreign checkpoints as UsageErrors."""
-    return _load(auto_class.from_pretrained, name_or_path, role, trust_remote_code=trust_remote_code, **kwargs)
+    """`auto_class.from_pretrained` (e.g. AutoModelForMaskedLM) with missing or foreign checkpoints as UsageErrors.
+
+    transformers' key-by-key load report (and its "checkpoint seem corrupted" warning for a head the checkpoint
+    never had) becomes one line naming the modules left unused and those initialised fresh: both are expected
+    here (an MLM checkpoint loaded as a classifier, a plain encoder given an MLM head).
+    """
+    from transformers.utils import logging as hf_logging
+
+    return_info = kwargs.pop("output_loading_info", False)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = _load(auto_class.from_pretrained, name_or_path, role, trust_remote_code=trust_remote_code,
+                            output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["unexpected_keys"] or info["missing_keys"]:
+        log.info("%s %s as %s: unused from the checkpoint: %s; initialised fresh: %s", role, name_or_path,
+                 type(model).__name__, _modules(info["unexpected_keys"]), _modules(info["missing_keys"]))
+    return (model, info) if return_info else model
+
+
+def _modules(keys) -> str:
+    """Parameter names grouped by module: "cls.predictions.transform.dense (2)"."""
+    counts: dict[str, int] = {}
+    for key in sorted(keys):
+        module = key.rsplit(".", 1)[0]
+        counts[module] = counts.get(module, 0) + 1
+    return ", ".join(f"{module} ({count})" for module, count in counts.items()) or "nothing"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from transformers import AutoModelForMaskedLM
+from conftest import build_tiny_bert
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models import load_config, load_model, load_tokenizer
@@ -29,3 +30,15 @@ def test_directory_without_a_checkpoint_is_a_usage_error(tmp_path):
 def test_unreachable_hub_name_is_a_usage_error():
     with pytest.raises(UsageError, match="cannot load tokenizer from 'no-such-org/no-such-model'"):
         load_tokenizer("no-such-org/no-such-model")
+
+
+def test_load_report_is_one_line_naming_unused_and_fresh_modules(tmp_path, caplog):
+    checkpoint = build_tiny_bert(tmp_path / "mlm", num_layers=1)
+    with caplog.at_level("INFO"):
+        model, info = load_model(AutoModelForSequenceClassification, str(checkpoint), role="student",
+                                 output_loading_info=True, num_labels=2)
+    assert type(model).__name__ == "BertForSequenceClassification" and "classifier.weight" in info["missing_keys"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name.startswith(("transformers", "distilbert_cli"))]
+    assert line.startswith(f"student {checkpoint} as BertForSequenceClassification: unused from the checkpoint: ")
+    assert "cls.predictions.transform.dense (2)" in line
+    assert line.endswith("initialised fresh: bert.pooler.dense (2), classifier (2)")
