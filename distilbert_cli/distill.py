@@ -334,6 +334,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     plan = LossPlan.from_config(cfg.loss)
     world_size = distributed_state().num_processes
     accumulation = check_config(cfg, world_size)
+    for stage_name in ("prepare-data", "init-student"):  # a missing input leaves no distill stage behind
+        require_complete(cfg.run_dir, stage_name)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
     # DDP must not wait for gradients of a head that no loss uses.

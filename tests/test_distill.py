@@ -215,6 +215,12 @@ def test_impossible_settings_exit_2_before_any_work(run_dir, override, message):
     assert not (run_dir / "distill").exists()
 
 
+def test_missing_input_stage_exits_2_and_leaves_no_distill_stage(tmp_path):
+    result = CliRunner().invoke(app, ["train", *TINY, f"run_dir={tmp_path}"])
+    assert result.exit_code == 2 and f"input stage prepare-data not found: {tmp_path / 'prepare-data'}" in result.output
+    assert not (tmp_path / "distill").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
