@@ -215,6 +215,16 @@ def test_impossible_settings_exit_2_before_any_work(run_dir, override, message):
     assert not (run_dir / "distill").exists()
 
 
+def test_wandb_offline_needs_no_account_and_writes_under_the_run_dir(run_dir, tmp_path, monkeypatch):
+    for variable in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no wandb login
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(run_dir, "logger=wandb", "logger.mode=offline")
+    (offline_run,) = (run_dir / "distill" / "wandb").glob("offline-run-*")
+    assert list(offline_run.glob("*.wandb")), sorted(p.name for p in offline_run.iterdir())
+
+
 def test_missing_input_stage_exits_2_and_leaves_no_distill_stage(tmp_path):
     result = CliRunner().invoke(app, ["train", *TINY, f"run_dir={tmp_path}"])
     assert result.exit_code == 2 and f"input stage prepare-data not found: {tmp_path / 'prepare-data'}" in result.output
