@@ -155,7 +155,8 @@ def paired_bootstrap(ours: list[dict], theirs: list[dict], resamples: int, seed:
     """How sure is score(ours) - score(theirs)? Both lists are `finetuned_runs` of one model each, scored as the
     table scores them (median over seeds, mean over tasks). The dev examples are resampled with replacement,
     the same draws for both models (a paired bootstrap), `resamples` times; returns the observed difference and
-    its 95% percentile interval, or None when the two were not evaluated on the same dev examples."""
+    its 95% percentile interval, or None when the two were not evaluated on the same dev examples (or no
+    resample could be scored)."""
     def score(runs, draws):
         records = []
         for run in runs:
@@ -174,16 +175,18 @@ def paired_bootstrap(ours: list[dict], theirs: list[dict], resamples: int, seed:
             if not np.array_equal(gold.setdefault((run["task"].name, split), labels), labels):
                 return None
     identity = {key: np.arange(len(values)) for key, values in gold.items()}
-    observed = score(ours, identity) - score(theirs, identity)
     rng = np.random.default_rng(seed)
     differences = []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a resample with one class makes MCC / Pearson undefined: dropped below
+        warnings.simplefilter("ignore")  # constant predictions make Pearson undefined: such resamples are dropped
+        observed = score(ours, identity) - score(theirs, identity)
         for _ in tqdm(range(resamples), desc="paired bootstrap", leave=False):
             draws = {key: rng.integers(0, len(values), len(values)) for key, values in gold.items()}
             differences.append(score(ours, draws) - score(theirs, draws))
     differences = np.asarray(differences)
     differences = differences[np.isfinite(differences)]
+    if not differences.size or not np.isfinite(observed):
+        return None
     low, high = np.percentile(differences, [2.5, 97.5])
     return {"difference": float(observed), "low": float(low), "high": float(high), "resamples": int(differences.size),
             "dev_examples": int(sum(len(values) for values in gold.values()))}

@@ -101,10 +101,12 @@ def test_paired_bootstrap_scores_as_the_table_does_and_separates_signal_from_noi
     assert far["difference"] == pytest.approx(20.0) and 10 < far["low"] < 20 < far["high"] < 30
 
 
-def test_paired_bootstrap_needs_the_same_dev_examples():
+def test_paired_bootstrap_needs_the_same_dev_examples_and_a_defined_score():
     ours = seed_runs("rte", [0, 1, 1], labels=[0, 1, 1])
     assert eval_glue.paired_bootstrap(ours, seed_runs("rte", [0, 1, 1], labels=[0, 1, 0]), 10, 0) is None
     assert eval_glue.paired_bootstrap(ours, seed_runs("sst2", [0, 1, 1], labels=[0, 1, 1]), 10, 0) is None
+    constant = seed_runs("stsb", [2.0, 2.0, 2.0], labels=[1.0, 2.5, 4.0])  # Pearson of a constant: undefined
+    assert eval_glue.paired_bootstrap(constant, constant, 10, 0) is None
 
 
 # ---- inputs -------------------------------------------------------------------------------------
