@@ -9,7 +9,8 @@ AutoModelForSequenceClassification with one regression output, saved once as the
 that every backend is built from. The workload is the task's dev pairs (STS-B dev: 1500), tokenized
 once before any timing; a generated workload replaces it, labelled so, when the hub is unreachable.
 Latency is one forward pass of one pre-tokenized batch (`time.perf_counter` around the call only), after
-warm-up, repeated `bench.repeats` times with the thread count pinned. Writes `<run_dir>/bench-cpu/`:
+warm-up, repeated `bench.repeats` times with the thread count pinned (and, with `bench.rounds`, the whole
+measurement repeated with the models in alternating order, passes pooled). Writes `<run_dir>/bench-cpu/`:
 `results.json`, `results.md` (Table 3 beside the published figures) and `latency.png`.
 """
 
@@ -102,7 +103,7 @@ def check_bench_config(cfg: DictConfig) -> None:
     if not bench.batch_sizes or any(size <= 0 for size in bench.batch_sizes) or \
             len(set(bench.batch_sizes)) != len(bench.batch_sizes):
         raise UsageError(f"bench.batch_sizes must list distinct positive sizes, got {list(bench.batch_sizes)}")
-    for key in ("max_seq_length", "repeats", "check_examples"):
+    for key in ("max_seq_length", "repeats", "rounds", "check_examples"):
         if bench[key] <= 0:
             raise UsageError(f"bench.{key} must be positive, got {bench[key]}")
     if bench.warmup_batches < 0:
@@ -475,13 +476,34 @@ def measure(model: str, backend_name: str, backend: Backend, examples: list[dict
     with tqdm(total=bench.repeats * len(batches), desc=f"{model} {backend_name} batch {batch_size}", leave=False,
               disable=not is_main_process()) as progress:
         timings = time_batches(backend, batches, bench.repeats, progress)
-    stats = summarize_timings(timings, [len(batch["input_ids"]) for batch in batches], full_examples)
+    batch_examples = [len(batch["input_ids"]) for batch in batches]
+    stats = summarize_timings(timings, batch_examples, full_examples)
     log.info("%s %s batch %d: median %.2f ms, p90 %.2f ms, %.1f examples/s, full pass %.1f s (%s)", model,
              backend_name, batch_size, stats["latency_ms"]["median"], stats["latency_ms"]["p90"],
              stats["throughput_examples_per_s"], stats["full_pass_s"], stats["full_pass"])
     return {"model": model, "backend": backend_name, "batch_size": batch_size, "status": "ok", "note": "",
             **stats, "size_on_disk_bytes": backend.size_bytes, "artifact": backend.artifact,
-            "peak_rss_bytes": peak_rss_bytes(), "warmup_s": warmup_s}
+            "peak_rss_bytes": peak_rss_bytes(), "warmup_s": warmup_s,
+            "timings": timings, "batch_examples": batch_examples, "full_examples": full_examples}
+
+
+def pool_rounds(rows_by_round: list[list[dict]]) -> list[dict]:
+    """One row per (model, backend, batch size): the timed passes of every round pooled, the statistics
+    recomputed from them; peak RSS the highest of the rounds, build and warm-up times the first round's."""
+    pooled: dict[tuple, dict] = {}
+    for rows in rows_by_round:
+        for row in rows:
+            key = (row["model"], row["backend"], row["batch_size"])
+            first = pooled.setdefault(key, row)
+            if first is not row and first["status"] == "ok" and row["status"] == "ok":
+                first["timings"] = np.concatenate([first["timings"], row["timings"]])
+                first["peak_rss_bytes"] = max(first["peak_rss_bytes"], row["peak_rss_bytes"])
+    for row in pooled.values():
+        if row["status"] == "ok":
+            timings, batch_examples, full_examples = row.pop("timings"), row.pop("batch_examples"), \
+                row.pop("full_examples")
+            row.update(summarize_timings(timings, batch_examples, full_examples), timed_passes=len(timings))
+    return list(pooled.values())
 
 
 # ---- reporting ------------------------------------------------------------------------------------
@@ -537,8 +559,10 @@ def render_markdown(results: dict) -> str:
     lines += [f"- Workload: {workload['description']}; max_seq_length {workload['max_seq_length']}, padding "
               f"{workload['padding']}; tokenized before timing.",
               f"- Timed: {workload['timed_examples']} of {workload['examples']} examples ({workload['sample']}); "
-              f"{method['warmup_batches']} warm-up batches, {method['repeats']} timed passes; latency = one "
-              f"forward pass of one batch, median over passes per batch.",
+              f"{method['warmup_batches']} warm-up batches, {method['repeats']} timed passes"
+              + (f" in each of {method['rounds']} rounds (models in alternating order), pooled"
+                 if method["rounds"] > 1 else "")
+              + "; latency = one forward pass of one batch, median over passes per batch.",
               f"- Machine: {machine['cpu']}, threads pinned to {machine['threads']} (torch.set_num_threads; ONNX "
               f"Runtime intra-op) of {machine['usable_cpus']} usable CPUs; torch {results['versions']['torch']}, "
               f"onnxruntime {results['versions']['onnxruntime']}.", ""]
@@ -663,19 +687,26 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         log.info("timing %s x %s, batch sizes %s, %d threads, %d of %d examples: %s", [c.name for c in choices],
                  list(bench.backends), list(bench.batch_sizes), threads, len(indices), len(workload),
                  workload.description)
-        models, rows, checks = [], [], []
+        models, rows_by_round, checks = {}, [], []
         try:
             with tempfile.TemporaryDirectory(prefix="distil-bench-cpu-") as tmp:
-                for number, (choice, tokenizer) in enumerate(zip(choices, tokenizers, strict=True)):
-                    workdir = Path(tmp) / f"model-{number}"
-                    workdir.mkdir()
-                    info, model_rows, model_checks = bench_model(choice, tokenizer, cfg, workload, indices, workdir,
-                                                                 threads)
-                    models.append(info)
-                    rows += model_rows
-                    checks += model_checks
+                for round_number in range(bench.rounds):
+                    # Alternate the order (A B, B A, ...): a slow drift of the machine's speed then weighs on
+                    # every model alike instead of on whichever is timed last.
+                    order = list(enumerate(zip(choices, tokenizers, strict=True)))
+                    rows_by_round.append([])
+                    for number, (choice, tokenizer) in order if round_number % 2 == 0 else reversed(order):
+                        workdir = Path(tmp) / f"round-{round_number}-model-{number}"
+                        workdir.mkdir()
+                        info, model_rows, model_checks = bench_model(choice, tokenizer, cfg, workload, indices,
+                                                                     workdir, threads)
+                        models.setdefault(number, info)
+                        rows_by_round[-1] += model_rows
+                        checks += model_checks if round_number == 0 else []
         finally:
             torch.set_num_threads(default_threads)
+        models = [models[number] for number in sorted(models)]
+        rows = pool_rounds(rows_by_round)
 
         sampled = len(indices) < len(workload)
         results = {
@@ -684,7 +715,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
                          "sample": f"seeded random sample (seed {cfg.seed})" if sampled else "all",
                          "max_seq_length": bench.max_seq_length, "padding": bench.padding},
             "method": {"batch_sizes": list(bench.batch_sizes), "warmup_batches": bench.warmup_batches,
-                       "repeats": bench.repeats, "check_examples": bench.check_examples,
+                       "repeats": bench.repeats, "rounds": bench.rounds, "check_examples": bench.check_examples,
                        "latency": "time.perf_counter around one forward pass of one pre-tokenized batch; "
                                   "per batch the median over the timed passes",
                        "full_pass": ("extrapolated: the timed pass scaled by examples / timed examples" if sampled

@@ -106,21 +106,43 @@ def test_only_the_predict_call_is_timed(monkeypatch):
     np.testing.assert_array_equal(timings, [[0.25, 0.5, 1.0], [0.25, 0.5, 1.0]])
 
 
-def test_twice_as_deep_measures_about_twice_as_slow(tmp_path):
+def test_twice_as_deep_measures_about_twice_as_slow(tmp_path, caplog):
     # Wide enough that the layers, not Python overhead per call, dominate the latency (at 64 wide a 2x deeper
-    # model measured only ~1.3-1.7x slower); the bounds are generous because CI machines are noisy.
+    # model measured only ~1.3-1.7x slower); two rounds in alternating order, and generous bounds, because CI
+    # machines are noisy.
     shallow = build_tiny_bert(tmp_path / "shallow", num_layers=3, hidden_size=192, num_heads=4)
     deep = build_tiny_bert(tmp_path / "deep", num_layers=6, hidden_size=192, num_heads=4)
     cfg = compose_config("bench_cpu", [f"run_dir={tmp_path / 'run'}", f"bench.models=[{deep},{shallow}]",
                                        "bench.backends=[eager]", "bench.max_examples=40", *QUICK,
-                                       "bench.repeats=5", "bench.warmup_batches=5"])
-    results = bench_cpu.run(cfg)
+                                       "bench.repeats=3", "bench.rounds=2", "bench.warmup_batches=5"])
+    with caplog.at_level("INFO", logger="distilbert_cli.bench_cpu"):
+        results = bench_cpu.run(cfg)
+    timed_order = [r.getMessage().split(":")[0] for r in caplog.records if "tokens per example" in r.getMessage()]
+    assert timed_order == ["deep", "shallow", "shallow", "deep"]
+    assert [(row["model"], row["timed_passes"]) for row in results["results"]] == [("deep", 6), ("shallow", 6)]
     (ratio,) = results["summary"]["latency_ratios"]
     assert (ratio["reference"], ratio["model"]) == ("deep", "shallow")
     medians = {row["model"]: row["latency_ms"]["median"] for row in results["results"]}
     assert ratio["median_latency_ratio"] == pytest.approx(medians["deep"] / medians["shallow"])
     assert 1.3 < ratio["median_latency_ratio"] < 3.0, ratio
     assert results["workload"]["timed_examples"] == 40 and results["workload"]["examples"] == 1500
+
+
+def test_rounds_pool_the_timed_passes():
+    def row(model, timings, rss, status="ok"):
+        return {"model": model, "backend": "eager", "batch_size": 1, "status": status, "peak_rss_bytes": rss,
+                "build_s": rss / 10, "timings": np.asarray(timings), "batch_examples": [1, 1], "full_examples": 4}
+
+    first = [row("a", [[1.0, 3.0]], 10), row("b", [[2.0, 2.0]], 20)]
+    second = [row("b", [[4.0, 4.0]], 15), row("a", [[5.0, 7.0], [9.0, 11.0]], 30)]
+    pooled = bench_cpu.pool_rounds([first, second])
+    assert [r["model"] for r in pooled] == ["a", "b"]
+    a, b = pooled
+    # a's per-batch medians over the passes [1, 5, 9] and [3, 7, 11] are 5 and 7.
+    assert a["latency_ms"]["median"] == pytest.approx(6000.0) and a["timed_passes"] == 3
+    assert (a["peak_rss_bytes"], a["build_s"]) == (30, 1.0)  # the highest peak, the first round's build
+    assert b["latency_ms"]["median"] == pytest.approx(3000.0) and b["full_pass_s"] == pytest.approx(12.0)
+    assert not {"timings", "batch_examples", "full_examples"} & set(a)
 
 
 # ---- backends, outputs, schema --------------------------------------------------------------------
