@@ -28,8 +28,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 test: install ## Run the test suite
 	$(BIN)/python -m pytest -q
 
-lint: install ## Run ruff
+lint: install ## Run ruff and the import-linter layering contracts (pyproject.toml)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 demo: install ## Run the whole pipeline on the embedded default and write runs/demo/triple_loss/report/report.md
 	$(BIN)/python scripts/demo.py --root runs/demo

@@ -10,15 +10,18 @@ User mistakes print one line to stderr and exit 2.
 
 from __future__ import annotations
 
-import importlib
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import typer
+from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from distilbert_cli.config import compose_config, one_line, require_complete_config, to_yaml
+from distilbert_cli.config import compose_config, one_line, renamed_overrides, require_complete_config, to_yaml
 from distilbert_cli.errors import UsageError
+from distilbert_cli.logs import setup_console_logging
+from distilbert_cli.stages import bench_cpu, evaluate, finetune, init_student, prepare_data, report, train
 
 USAGE_EXIT_CODE = 2
 
@@ -27,31 +30,32 @@ USAGE_EXIT_CODE = 2
 class StageCommand:
     name: str
     config: str  # primary config in conf/
-    module: str  # module with run(cfg, overrides)
+    run: Callable[[DictConfig, Sequence[str]], object]  # the stage's run(cfg, overrides)
     summary: str
     io: str
+    aliases: tuple[str, ...] = ()
 
 
 COMMANDS = (
-    StageCommand("prepare-data", "prepare_data", "distilbert_cli.prepare_data",
+    StageCommand("prepare-data", "prepare_data", prepare_data.run,
                  "Tokenize a corpus into the training set, with token counts for masking.",
                  "reads: a corpus (data=...); writes: <run_dir>/prepare-data/"),
-    StageCommand("init-student", "init_student", "distilbert_cli.init_student",
+    StageCommand("init-student", "init_student", init_student.run,
                  "Build the student from the teacher (layer selection, embeddings, MLM head).",
                  "reads: teacher.name_or_path; writes: <run_dir>/init-student/model/"),
-    StageCommand("train", "train", "distilbert_cli.distill",
+    StageCommand("train", "train", train.run,
                  "Distill the teacher into the student (the DistilBERT triple loss). Alias: distill.",
-                 "reads: prepare-data/, init-student/; writes: <run_dir>/distill/final/"),
-    StageCommand("finetune", "finetune", "distilbert_cli.finetune",
-                 "Fine-tune the student (or teacher) on GLUE tasks, several seeds.",
+                 "reads: prepare-data/, init-student/; writes: <run_dir>/distill/final/", aliases=("distill",)),
+    StageCommand("finetune", "finetune", finetune.run,
+                 "Fine-tune the student (or teacher) on downstream tasks (GLUE), several seeds.",
                  "reads: distill/final/ (or any model); writes: <run_dir>/finetune/"),
-    StageCommand("eval-glue", "eval_glue", "distilbert_cli.eval_glue",
-                 "Score fine-tuned models on GLUE dev and write the paper's Table 1.",
-                 "reads: finetune/; writes: <run_dir>/eval-glue/results.md"),
-    StageCommand("bench-cpu", "bench_cpu", "distilbert_cli.bench_cpu",
+    StageCommand("evaluate", "evaluate", evaluate.run,
+                 "Score fine-tuned models on dev and write the paper's tables (Table 1). Alias: eval-glue.",
+                 "reads: finetune/; writes: <run_dir>/evaluate/results.md", aliases=("eval-glue",)),
+    StageCommand("bench-cpu", "bench_cpu", bench_cpu.run,
                  "Time teacher and student inference on CPU (the paper's Table 3).",
                  "reads: teacher and distill/final/; writes: <run_dir>/bench-cpu/results.md"),
-    StageCommand("report", "report", "distilbert_cli.report",
+    StageCommand("report", "report", report.run,
                  "Write the run's report: loss curves, validation MLM, downstream and CPU tables vs baselines.",
                  "reads: the run's stages and report.baselines; writes: <run_dir>/report/report.md"),
 )
@@ -84,17 +88,17 @@ def fail(message: str) -> typer.Exit:
 
 def _make_command(spec: StageCommand):
     def command(overrides: list[str] | None = _OVERRIDES, show_cfg: bool = _SHOW_CFG) -> None:
-        overrides = expand_run_dir(list(overrides or []))
+        overrides, notes = renamed_overrides(expand_run_dir(list(overrides or [])))
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
         try:
             cfg = compose_config(spec.config, overrides)
             if show_cfg:
                 typer.echo(to_yaml(cfg), nl=False)
                 return
             require_complete_config(cfg)
-            from distilbert_cli.logs import setup_console_logging
-
             setup_console_logging()
-            importlib.import_module(spec.module).run(cfg, overrides)
+            spec.run(cfg, overrides)
         except UsageError as exc:
             raise fail(str(exc)) from None
         except MissingMandatoryValue as exc:
@@ -107,9 +111,8 @@ def _make_command(spec: StageCommand):
 _CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 for _spec in COMMANDS:
     app.command(_spec.name, context_settings=_CONTEXT)(_make_command(_spec))
-    if _spec.name == "train":
-        app.command("distill", context_settings=_CONTEXT, help="Alias of train.")(
-            _make_command(_spec))
+    for _alias in _spec.aliases:
+        app.command(_alias, context_settings=_CONTEXT, help=f"Alias of {_spec.name}.")(_make_command(_spec))
 
 
 def main() -> None:

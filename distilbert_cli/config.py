@@ -13,10 +13,15 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from distilbert_cli.errors import UsageError
+
+# Config groups whose options are run-level presets rather than a command's own settings.
+PRESET_GROUPS = ("experiment", "debug")
+# Keys renamed since earlier releases: old spelling -> current one.
+RENAMED_KEYS = {"glue": "task", "glue.tasks": "task.names", "glue.data_dir": "task.data_dir"}
 
 # A wheel carries conf/ inside the package; a source checkout (editable install) keeps it at the top.
 _PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
@@ -71,12 +76,42 @@ def _check_override_types(base: DictConfig, overrides: Sequence[str]) -> None:
             )
 
 
+def _override_key(override: str) -> str:
+    return override.lstrip("+~").split("=")[0]
+
+
+def renamed_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Overrides with renamed keys spelled the current way, and a note for each one renamed."""
+    current, notes = [], []
+    for override in overrides:
+        prefix = override[:len(override) - len(override.lstrip("+~"))]
+        key, sep, value = override[len(prefix):].partition("=")
+        new_key = RENAMED_KEYS.get(key)
+        if new_key is None:
+            current.append(override)
+            continue
+        current.append(f"{prefix}{new_key}{sep}{value}")
+        notes.append(f"{key} is now {new_key}")
+    return current, notes
+
+
 def compose_config(command_config: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose `conf/<command_config>.yaml` with `overrides`; raise UsageError on any user mistake."""
+    """Compose `conf/<command_config>.yaml` with `overrides`; raise UsageError on any user mistake.
+
+    Presets (`+experiment=`, `+debug=`) describe a whole run: each command keeps the top-level sections of the
+    preset that its own config has (random_init's `init` goes to init-student, not to train).
+    """
+    overrides = list(overrides)
+    presets = [o for o in overrides if _override_key(o) in PRESET_GROUPS]
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name=command_config, overrides=list(overrides))
-            group_choices = [o for o in overrides if _is_group(o.lstrip("+~").split("=")[0])]
+            cfg = compose(config_name=command_config, overrides=overrides)
+            if presets:
+                own = compose(config_name=command_config, overrides=[o for o in overrides if o not in presets])
+                with open_dict(cfg):
+                    for key in [key for key in cfg if key not in own]:
+                        del cfg[key]
+            group_choices = [o for o in overrides if _is_group(_override_key(o))]
             base = compose(config_name=command_config, overrides=group_choices)
     except (HydraException, OmegaConfBaseException) as exc:
         raise UsageError(one_line(exc)) from exc

@@ -27,9 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distilbert_cli.errors import UsageError
 from distilbert_cli.logs import attach_file_log, detach_file_log, is_main_process, wait_for_everyone
-from distilbert_cli.models import check_name_or_path
 
-STAGES = ("prepare-data", "init-student", "distill", "finetune", "eval-glue", "bench-cpu", "report")
 MANIFEST = "manifest.json"
 # The manifest holds the fingerprint itself, and the log keeps growing after it is taken.
 _UNFINGERPRINTED = (MANIFEST, "log.txt")
@@ -105,45 +103,6 @@ def require_complete(run_dir: str | Path, stage: str) -> Path:
     return stage_dir
 
 
-def recorded_teacher(run_dir: str | Path) -> str:
-    """The teacher (hub name or local path) that the run's complete init-student stage was built from."""
-    return read_manifest(require_complete(run_dir, "init-student"))["teacher"]
-
-
-# The run's own models, by the stage each comes from.
-RUN_MODELS = {"student": "distill", "teacher": "init-student"}
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    name: str  # folder and display name
-    source: str  # local directory or hub name
-    role: str  # student, teacher or other
-
-    @property
-    def stage(self) -> str | None:
-        return RUN_MODELS.get(self.role)
-
-
-def resolve_models(run_dir: str | Path, entries: Sequence[str], setting: str) -> list[ModelChoice]:
-    """Model list entries: `student` = <run_dir>/distill/final, `teacher` = the run's teacher, or any path/hub name."""
-    choices = []
-    for entry in map(str, entries):
-        if entry == "student":
-            choices.append(ModelChoice(entry, str(require_complete(run_dir, "distill") / "final"), entry))
-        elif entry == "teacher":
-            choices.append(ModelChoice(entry, recorded_teacher(run_dir), entry))
-        else:
-            check_name_or_path(entry, "model")
-            name = Path(entry).name
-            # Folders named "student" or "teacher" elsewhere must not pass for this run's models.
-            choices.append(ModelChoice(f"model-{name}" if name in RUN_MODELS else name, entry, "other"))
-    names = [choice.name for choice in choices]
-    if not choices or len(set(names)) != len(names):
-        raise UsageError(f"{setting} must name each model once (names {names}); e.g. {setting}=[student,teacher]")
-    return choices
-
-
 @dataclass
 class Stage:
     """An open stage directory: where outputs go and which inputs were consumed."""
@@ -212,8 +171,6 @@ def open_stage(cfg: DictConfig, stage: str, overrides: Sequence[str] = (), keep_
     `keep_partial` keeps the files of an earlier incomplete attempt (the distill stage resumes from its
     checkpoints); otherwise they are removed. Only the main process writes; the others wait for it.
     """
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}")
     stage_dir = Path(cfg.run_dir) / stage
     if is_main_process():
         _prepare_stage_dir(stage_dir, bool(cfg.overwrite), keep_partial)

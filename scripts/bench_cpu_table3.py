@@ -1,8 +1,8 @@
 """The acceptance figure of `distil bench-cpu` (the paper's Table 3): a BERT-base-shaped teacher against its
 6-layer DistilBERT student (random weights: speed does not depend on them), batch size 1, STS-B dev pairs.
 
-    python scripts/bench_cpu_table3.py --run-dir runs/table3 glue.data_dir=../shared/glue
-    python scripts/bench_cpu_table3.py --run-dir runs/table3-quick glue.data_dir=../shared/glue \
+    python scripts/bench_cpu_table3.py --run-dir runs/table3 task.data_dir=path/to/glue_data
+    python scripts/bench_cpu_table3.py --run-dir runs/table3-quick task.data_dir=path/to/glue_data \
         bench.max_examples=100 bench.repeats=2 'bench.backends=[eager,int8,onnx,onnx_int8]'
 
 Builds the two models under <run-dir>/models/bert-base and distilbert-base (untimed; reused when present),
@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
-from distilbert_cli import bench_cpu
+from distilbert_cli.bench.render import summary_lines
 from distilbert_cli.config import compose_config
 from distilbert_cli.logs import setup_console_logging
+from distilbert_cli.stages import bench_cpu
 
 
 def default_tokenizer() -> str:
@@ -67,7 +68,7 @@ def main() -> None:
                   f"p90 {row['latency_ms']['p90']:8.2f} ms  full pass {row['full_pass_s']:7.1f} s ({row['full_pass']})")
         elif row["status"] != "ok" and row["batch_size"] == 1:
             print(f"{row['model']:15s} {row['backend']:10s} {row['note']}")
-    for line in bench_cpu.summary_lines(results):
+    for line in summary_lines(results):
         print(line)
     eager_ratio = [r for r in results["summary"]["latency_ratios"] if r["backend"] == "eager" and r["batch_size"] == 1]
     if eager_ratio:

@@ -6,8 +6,8 @@
 For each sequence length it times, in one process:
   reference  the reference code's loop: fp32, eager attention, randomly batched (padded) sequences,
              teacher and student logits over the full vocabulary at every position, KL at every non-pad token;
-  pipeline   distilbert_cli.distill's step (length-grouped batches, sdpa, logits only at the rows the loss
-             needs, teacher under no_grad, bf16 on a GPU) at the paper's objective,
+  pipeline   the `distil train` step of distilbert_cli.training (length-grouped batches, sdpa, logits only at the
+             rows the loss needs, teacher under no_grad, bf16 on a GPU) at the paper's objective,
   restricted the same with loss.restrict_ce_to_mask=true (KL at the masked positions only).
 Both loops process the same `--steps x --micro-batch` sequences (after one untimed warm-up micro batch):
 forward of both models and backward of the student per micro batch, an AdamW step every `--accumulation`
@@ -29,9 +29,15 @@ from datasets import Dataset
 from omegaconf import OmegaConf
 from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
-from distilbert_cli.distill import MaskedLMRows, distillation_losses
-from distilbert_cli.losses import LossPlan
-from distilbert_cli.masking import DistillationBatches, MaskingSpec, StepLayout, collate_masked, token_probabilities
+from distilbert_cli.training.distiller import MaskedLMRows, distillation_losses
+from distilbert_cli.training.losses import LossPlan
+from distilbert_cli.training.masking import (
+    DistillationBatches,
+    MaskingSpec,
+    StepLayout,
+    collate_masked,
+    token_probabilities,
+)
 
 PAD, CLS, SEP, MASK = 0, 101, 102, 103  # bert-base-uncased ids
 SPECIAL_IDS = [PAD, 100, CLS, SEP, MASK]

@@ -42,7 +42,7 @@ TRAIN_COMMON = ["logger=none", "loss.restrict_ce_to_mask=true", "train.epochs=nu
                 "train.checkpoint_every=100", "validation.max_sequences=400"]
 # 50 steps of batch 32: at run_glue's 2e-5 these small models barely leave chance (teacher 56.5%), at 1e-4 they
 # learn the task (68.4%).
-FINETUNE = ["glue.tasks=[sst2]", "finetune.epochs=1", "finetune.max_seq_length=64",
+FINETUNE = ["task.names=[sst2]", "finetune.epochs=1", "finetune.max_seq_length=64",
             "finetune.max_train_samples=1600", "finetune.learning_rate=1e-4"]
 # Batch-1 latency of these small models swings by a third from minute to minute on a shared 2-core machine, and
 # more with 2 threads: one thread, two rounds in alternating order (teacher, student; student, teacher).
@@ -143,12 +143,12 @@ class Demo:
             self.distil("train", run_dir, "distill", f"+experiment={name}", *BATCH, *TRAIN_COMMON,
                         f"train.max_steps={DISTILL_STEPS}")
             models = "finetune.models=[student,teacher]" if name == "triple_loss" else "finetune.models=[student]"
-            self.distil("finetune", run_dir, "finetune", f"glue.data_dir={glue_dir}", models, *FINETUNE)
-            self.distil("eval-glue", run_dir, "eval-glue", f"glue.data_dir={glue_dir}", "glue.tasks=[sst2]",
+            self.distil("finetune", run_dir, "finetune", f"task.data_dir={glue_dir}", models, *FINETUNE)
+            self.distil("evaluate", run_dir, "evaluate", f"task.data_dir={glue_dir}", "task.names=[sst2]",
                         STANDIN_NOTE)
 
         main_run = self.root / "triple_loss"
-        self.distil("bench-cpu", main_run, "bench-cpu", f"glue.data_dir={glue_dir}", "glue.tasks=[sst2]", *BENCH)
+        self.distil("bench-cpu", main_run, "bench-cpu", f"task.data_dir={glue_dir}", "task.names=[sst2]", *BENCH)
         baselines = ",".join(str(self.root / name) for name in runs if name != "triple_loss")
         self.distil("report", main_run, "report", f"report.baselines=[{baselines}]",
                     "report.teacher_note='sentence-transformers/all-MiniLM-L6-v2 (6 layers, 384 wide) with an "

@@ -17,7 +17,8 @@ runner = CliRunner()
 def test_help_lists_every_stage_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for name in ["prepare-data", "init-student", "train", "distill", "finetune", "eval-glue", "bench-cpu"]:
+    for name in ["prepare-data", "init-student", "train", "distill", "finetune", "evaluate", "eval-glue", "bench-cpu",
+                 "report"]:
         assert name in result.output
 
 
@@ -35,9 +36,24 @@ def test_train_triple_loss_config_has_paper_weights():
     assert (loss["alpha_ce"], loss["alpha_mlm"], loss["alpha_cos"], loss["temperature"]) == (5.0, 2.0, 1.0, 2.0)
 
 
-def test_distill_is_an_alias_of_train():
-    train = runner.invoke(app, ["train", "seed=3", "--cfg"]).output
-    assert runner.invoke(app, ["distill", "seed=3", "--cfg"]).output == train
+@pytest.mark.parametrize(("command", "alias"), [("train", "distill"), ("evaluate", "eval-glue")])
+def test_aliases_compose_the_same_config(command, alias):
+    expected = runner.invoke(app, [command, "seed=3", "--cfg"]).output
+    assert runner.invoke(app, [alias, "seed=3", "--cfg"]).output == expected
+
+
+def test_renamed_glue_keys_still_work_with_a_note():
+    result = _run_cli("finetune", "glue=rte", "glue.data_dir=some/dir", "--cfg")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["task"] == {"names": ["rte"], "data_dir": "some/dir"}
+    assert result.stderr.splitlines() == ["note: glue is now task", "note: glue.data_dir is now task.data_dir"]
+
+
+def test_a_run_level_preset_gives_each_command_only_its_own_sections():
+    init = yaml.safe_load(runner.invoke(app, ["init-student", "+experiment=random_init", "--cfg"]).output)
+    train = yaml.safe_load(runner.invoke(app, ["train", "+experiment=random_init", "--cfg"]).output)
+    assert init["init"]["strategy"] == "random" and "loss" not in init
+    assert "init" not in train and train["loss"]["alpha_ce"] == 5.0
 
 
 def _run_cli(*args):

@@ -6,29 +6,22 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import GLUE_DIR, tiny_vocab
+from builders import GLUE_DIR, write_corpus
 from typer.testing import CliRunner
 
+from distilbert_cli.artifacts import STAGES
 from distilbert_cli.cli import app
 from distilbert_cli.rundir import read_manifest
 
 runner = CliRunner()
-FINETUNE_SMOKE = ["glue.tasks=[rte]", f"glue.data_dir={GLUE_DIR}", "finetune.epochs=1",
+FINETUNE_SMOKE = ["task.names=[rte]", f"task.data_dir={GLUE_DIR}", "finetune.epochs=1",
                   "finetune.max_train_samples=64", "finetune.max_eval_samples=32", "finetune.max_seq_length=64"]
 
 
 def distil(*args: str) -> None:
     result = runner.invoke(app, list(args))
     assert result.exit_code == 0, result.output
-
-
-def write_corpus(path: Path, n_lines: int = 60) -> Path:
-    words = [w for w in tiny_vocab()[5:] if w.isalpha() and len(w) > 1]
-    rng = np.random.default_rng(0)
-    path.write_text("".join(" ".join(rng.choice(words, size=rng.integers(12, 40))) + "\n" for _ in range(n_lines)))
-    return path
 
 
 def distilled_run(run_dir: Path, teacher: Path, corpus: Path, experiment: str) -> None:
@@ -41,8 +34,6 @@ def distilled_run(run_dir: Path, teacher: Path, corpus: Path, experiment: str) -
 
 @pytest.fixture(scope="module")
 def demo_like_runs(tmp_path_factory, tiny_teacher) -> tuple[Path, Path]:
-    if not (GLUE_DIR / "RTE" / "train.tsv").exists():
-        pytest.skip(f"no GLUE files at {GLUE_DIR}")
     root = tmp_path_factory.mktemp("pipeline")
     corpus = write_corpus(root / "corpus.txt")
     main, baseline = root / "triple_loss", root / "random_init"
@@ -51,8 +42,8 @@ def demo_like_runs(tmp_path_factory, tiny_teacher) -> tuple[Path, Path]:
     distil("finetune", f"run_dir={main}", "finetune.models=[student,teacher]", *FINETUNE_SMOKE)
     distil("finetune", f"run_dir={baseline}", *FINETUNE_SMOKE)
     for run_dir in (main, baseline):
-        distil("eval-glue", f"run_dir={run_dir}", "glue.tasks=[rte]", f"glue.data_dir={GLUE_DIR}")
-    distil("bench-cpu", f"run_dir={main}", "glue.tasks=[rte]", f"glue.data_dir={GLUE_DIR}", "bench.backends=[eager]",
+        distil("evaluate", f"run_dir={run_dir}", "task.names=[rte]", f"task.data_dir={GLUE_DIR}")
+    distil("bench-cpu", f"run_dir={main}", "task.names=[rte]", f"task.data_dir={GLUE_DIR}", "bench.backends=[eager]",
            "bench.max_examples=8", "bench.warmup_batches=1", "bench.repeats=1", "bench.check_examples=4")
     distil("report", str(main), f"report.baselines=[{baseline}]", "report.teacher_note=a tiny random BERT")
     return main, baseline
@@ -60,7 +51,7 @@ def demo_like_runs(tmp_path_factory, tiny_teacher) -> tuple[Path, Path]:
 
 def test_every_stage_of_the_run_is_complete(demo_like_runs):
     main, _ = demo_like_runs
-    for stage in ("prepare-data", "init-student", "distill", "finetune", "eval-glue", "bench-cpu", "report"):
+    for stage in STAGES:
         assert read_manifest(main / stage)["status"] == "complete", stage
 
 
@@ -77,7 +68,7 @@ def test_report_compares_the_run_with_its_baseline(demo_like_runs):
     (comparison,) = read_manifest(main / "report")["downstream_comparisons"]
     assert comparison["resamples"] == 300 and comparison["low"] <= comparison["difference"] <= comparison["high"]
     assert "![loss curves](loss_curves.png)" in report and (main / "report" / "loss_curves.png").stat().st_size > 0
-    assert "student (ours)" in report and "teacher (ours)" in report  # eval-glue's Table 1, embedded
+    assert "student (ours)" in report and "teacher (ours)" in report  # evaluate's Table 1, embedded
     assert "668" in report and "(bench-cpu-latency.png)" in report  # bench-cpu's Table 3 and its chart
     assert (main / "report" / "bench-cpu-latency.png").exists()
     assert read_manifest(main / "report")["baselines"] == [str(baseline)]

@@ -1,0 +1,170 @@
+"""What each stage leaves in the run directory: its folder, its output files and the manifest facts other
+stages read. The stage that writes a file and every stage that reads it name it through this module only.
+
+    <run_dir>/prepare-data/  dataset/, token_counts.npy, tokenizer/, stats.json
+    <run_dir>/init-student/  model/                       manifest: InitStudentFacts
+    <run_dir>/distill/       final/, metrics.jsonl, validation.json, checkpoints/step-N/
+    <run_dir>/finetune/      <model>/<task>/seed-<s>/{model/, predictions.jsonl, metrics.json}
+    <run_dir>/evaluate/      results.json, results.md
+    <run_dir>/bench-cpu/     results.json, results.md, latency.png
+    <run_dir>/report/        report.md and the charts it embeds
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from distilbert_cli.rundir import read_manifest, require_complete
+
+log = logging.getLogger(__name__)
+
+PREPARE_DATA = "prepare-data"
+INIT_STUDENT = "init-student"
+DISTILL = "distill"
+FINETUNE = "finetune"
+EVALUATE = "evaluate"
+BENCH_CPU = "bench-cpu"
+REPORT = "report"
+STAGES = (PREPARE_DATA, INIT_STUDENT, DISTILL, FINETUNE, EVALUATE, BENCH_CPU, REPORT)
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """prepare-data's outputs."""
+
+    path: Path
+
+    @property
+    def dataset(self) -> Path:  # a datasets.DatasetDict (save_to_disk): train and validation
+        return self.path / "dataset"
+
+    @property
+    def token_counts(self) -> Path:  # int64 count of every token id in train
+        return self.path / "token_counts.npy"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def stats(self) -> Path:
+        return self.path / "stats.json"
+
+
+@dataclass(frozen=True)
+class InitStudentOutputs:
+    path: Path
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model"
+
+
+@dataclass(frozen=True)
+class InitStudentFacts:
+    """What init-student records about the student it built (its manifest's stage-specific keys)."""
+
+    teacher: str  # hub name, or the absolute path of a local directory
+    teacher_has_mlm_head: bool
+    layer_map: list  # teacher layer of each student layer (None: random)
+    strategy: str
+    student_arch: str
+    student_class: str
+    fold_token_type_embeddings: bool
+    copied_mlm_head_transform: bool
+    param_counts: dict  # {"teacher": n, "student": n}
+
+    def as_manifest(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DistillOutputs:
+    path: Path
+
+    @property
+    def final(self) -> Path:  # the distilled student and its tokenizer
+        return self.path / "final"
+
+    @property
+    def metrics(self) -> Path:  # one JSON line per logged step
+        return self.path / "metrics.jsonl"
+
+    @property
+    def validation(self) -> Path:  # held-out MLM loss and accuracy of student and teacher
+        return self.path / "validation.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step}"
+
+
+@dataclass(frozen=True)
+class FinetuneRun:
+    """One fine-tuning run: <finetune>/<model>/<task>/seed-<s>/."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, finetune_dir: Path, model: str, task: str, seed: int) -> FinetuneRun:
+        return cls(finetune_dir / model / task / f"seed-{seed}")
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / "predictions.jsonl"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def seed(self) -> int:
+        return int(self.path.name.removeprefix("seed-"))
+
+
+def finetune_runs(finetune_dir: Path, model: str, task: str) -> list[FinetuneRun]:
+    """Every seed of one model on one task, in seed order."""
+    return sorted((FinetuneRun(path) for path in (finetune_dir / model / task).glob("seed-*")),
+                  key=lambda run: run.seed)
+
+
+def finetuned_models(finetune_dir: Path) -> list[str]:
+    return sorted(path.name for path in finetune_dir.iterdir() if path.is_dir())
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def init_student_facts(run_dir: str | Path) -> InitStudentFacts:
+    """The facts of the run's complete init-student stage."""
+    manifest = read_manifest(require_complete(run_dir, INIT_STUDENT))
+    return InitStudentFacts(**{field.name: manifest[field.name] for field in fields(InitStudentFacts)})
+
+
+def recorded_teacher(run_dir: str | Path) -> str:
+    """The teacher (hub name or local path) that the run's complete init-student stage was built from."""
+    return read_manifest(require_complete(run_dir, INIT_STUDENT))["teacher"]
+
+
+def complete_stage(run_dir: Path, stage: str) -> Path | None:
+    """The stage's directory if it is complete, else None (for readers that report what is there)."""
+    manifest = read_manifest(run_dir / stage)
+    return run_dir / stage if manifest and manifest.get("status") == "complete" else None

@@ -1,0 +1,106 @@
+"""Loading tokenizers and models by hub name or local directory, with user mistakes as UsageErrors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from distilbert_cli.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+def check_name_or_path(name_or_path: str, role: str) -> None:
+    """A string that is clearly a filesystem path must exist; anything else is taken as a hub name."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and str(name_or_path).startswith(_PATH_PREFIXES):
+        raise UsageError(f"{role} directory does not exist: {name_or_path}")
+
+
+def _load(loader, name_or_path: str, role: str, **kwargs):
+    check_name_or_path(name_or_path, role)
+    try:
+        return loader(str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().exists()
+                      else name_or_path, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load {role} from {name_or_path!r}: {first_line}") from exc
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, role: str = "tokenizer"):
+    """The fast tokenizer of a checkpoint (the slow Python tokenizers are the reference's bottleneck)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer.from_pretrained, name_or_path, role, use_fast=True,
+                      trust_remote_code=trust_remote_code)
+    if not tokenizer.is_fast:
+        raise UsageError(f"{role} {name_or_path!r} has no fast (Rust) tokenizer")
+    return tokenizer
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False, role: str = "model"):
+    from transformers import AutoConfig
+
+    return _load(AutoConfig.from_pretrained, name_or_path, role, trust_remote_code=trust_remote_code)
+
+
+def load_model(auto_class, name_or_path: str, trust_remote_code: bool = False, role: str = "model", **kwargs):
+    """`auto_class.from_pretrained` (e.g. AutoModelForMaskedLM) with missing or foreign checkpoints as UsageErrors.
+
+    transformers' key-by-key load report (and its "checkpoint seem corrupted" warning for a head the checkpoint
+    never had) becomes one line naming the modules left unused and those initialised fresh: both are expected
+    here (an MLM checkpoint loaded as a classifier, a plain encoder given an MLM head).
+    """
+    from transformers.utils import logging as hf_logging
+
+    return_info = kwargs.pop("output_loading_info", False)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = _load(auto_class.from_pretrained, name_or_path, role, trust_remote_code=trust_remote_code,
+                            output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["unexpected_keys"] or info["missing_keys"]:
+        log.info("%s %s as %s: unused from the checkpoint: %s; initialised fresh: %s", role, name_or_path,
+                 type(model).__name__, _modules(info["unexpected_keys"]), _modules(info["missing_keys"]))
+    return (model, info) if return_info else model
+
+
+def _modules(keys) -> str:
+    """Parameter names grouped by module: "cls.predictions.transform.dense (2)"."""
+    counts: dict[str, int] = {}
+    for key in sorted(keys):
+        module = key.rsplit(".", 1)[0]
+        counts[module] = counts.get(module, 0) + 1
+    return ", ".join(f"{module} ({count})" for module, count in counts.items()) or "nothing"
+
+
+def count_parameters(model) -> int:
+    """Distinct parameters (tied input and output embeddings count once)."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def load_masked_lm(name_or_path: str, trust_remote_code: bool = False, role: str = "teacher", **kwargs):
+    """A checkpoint as an AutoModelForMaskedLM, and whether the checkpoint has an MLM head.
+
+    A plain encoder (e.g. a sentence-transformers BertModel) loads too: transformers then initialises the head
+    at random, and the head's weights show up as missing from the checkpoint.
+    """
+    from transformers import AutoModelForMaskedLM
+
+    model, loading_info = load_model(AutoModelForMaskedLM, name_or_path, trust_remote_code, role=role,
+                                     output_loading_info=True, **kwargs)
+    base = f"{model.base_model_prefix}."
+    return model, all(key.startswith(base) for key in loading_info["missing_keys"])
+
+
+def load_frozen_teacher(name_or_path: str, has_mlm_head: bool, trust_remote_code: bool, **kwargs):
+    """The teacher in eval mode without gradients: a masked LM, or a plain encoder when it has no MLM head."""
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    teacher = load_model(AutoModelForMaskedLM if has_mlm_head else AutoModel, name_or_path, trust_remote_code,
+                         role="teacher", **kwargs)
+    return teacher.eval().requires_grad_(False)

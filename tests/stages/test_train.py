@@ -1,0 +1,268 @@
+"""distil train: tiny end-to-end runs, exact resume, 2 processes vs accumulation, and the safety checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from builders import build_tiny_bert, tiny_vocab, write_corpus
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from distilbert_cli.artifacts import PreparedData
+from distilbert_cli.cli import app
+from distilbert_cli.config import compose_config
+from distilbert_cli.data.prepared import load_prepared
+from distilbert_cli.errors import UsageError
+from distilbert_cli.rundir import read_manifest
+from distilbert_cli.stages import init_student as init_student_stage
+from distilbert_cli.stages import prepare_data as prepare_data_stage
+from distilbert_cli.stages import train as train_stage
+from distilbert_cli.training import checkpoint, loop
+from distilbert_cli.training.masking import masking_spec
+from distilbert_cli.training.mlm_eval import evaluate_mlm, validation_batches
+
+TINY = ["+experiment=triple_loss", "+debug=tiny"]
+
+
+def prepare_data(run_dir: Path, teacher: Path, tmp_dir: Path, n_lines: int = 60) -> None:
+    """Run prepare-data on a small random corpus made of the tiny vocabulary's words."""
+    corpus = write_corpus(tmp_dir / "corpus.txt", n_lines)
+    overrides = [f"teacher.name_or_path={teacher}", f"run_dir={run_dir}", "data=local", f"data.paths=[{corpus}]",
+                 "prepare.validation_size=12", "prepare.num_proc=1", "prepare.max_seq_length=64"]
+    prepare_data_stage.run(compose_config("prepare_data", overrides), overrides)
+
+
+def init_student(run_dir: Path, teacher: Path, *overrides: str) -> None:
+    overrides = [f"teacher.name_or_path={teacher}", f"run_dir={run_dir}", *overrides]
+    init_student_stage.run(compose_config("init_student", overrides), overrides)
+
+
+@pytest.fixture(scope="session")
+def inputs_run(tmp_path_factory, tiny_teacher) -> Path:
+    """A run directory after prepare-data and init-student (a 3-layer student of the tiny teacher)."""
+    tmp_dir = tmp_path_factory.mktemp("distill-inputs")
+    run_dir = tmp_dir / "run"
+    prepare_data(run_dir, tiny_teacher, tmp_dir)
+    init_student(run_dir, tiny_teacher, "student.num_layers=3")
+    return run_dir
+
+
+@pytest.fixture()
+def run_dir(inputs_run, tmp_path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(inputs_run, target)
+    return target
+
+
+def train(run_dir: Path, *overrides: str, experiment: str = "triple_loss"):
+    overrides = [f"+experiment={experiment}", "+debug=tiny", f"run_dir={run_dir}", *overrides]
+    return train_stage.run(compose_config("train", overrides), overrides)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "distill" / "final" / "model.safetensors")
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_triple_loss_end_to_end_through_the_cli(run_dir):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    result = CliRunner().invoke(app, ["train", *TINY, f"run_dir={run_dir}"])
+    assert result.exit_code == 0, result.output
+    stage = run_dir / "distill"
+    assert read_manifest(stage)["status"] == "complete"
+    assert (stage / "final" / "tokenizer.json").is_file()
+    assert AutoModelForMaskedLM.from_pretrained(stage / "final").config.n_layers == 3
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) == {"step", "loss", "loss_ce", "loss_mlm", "loss_cos", "lr", "tokens_per_s", "tokens_seen"}
+    for r in rows:
+        assert r["loss"] == pytest.approx(5.0 * r["loss_ce"] + 2.0 * r["loss_mlm"] + 1.0 * r["loss_cos"], rel=1e-5)
+    # 4 steps: warmup over ceil(5% of 4) = 1 step from 0, then linear decay from 5e-4 towards 0 at step 4
+    assert [r["lr"] for r in rows] == pytest.approx([0.0, 5e-4, 5e-4 * 2 / 3, 5e-4 / 3])
+    assert 0 < rows[0]["tokens_seen"] < rows[-1]["tokens_seen"]
+    assert [p.name for p in sorted((stage / "checkpoints").iterdir())] == ["step-2", "step-4"]
+    validation = json.loads((stage / "validation.json").read_text())
+    assert set(validation["student"]) == {"mlm_loss", "mlm_accuracy"} and validation["teacher"]["mlm_loss"] > 0
+    # The saved student reproduces its validation figures on the same fixed masks.
+    final = AutoModelForMaskedLM.from_pretrained(stage / "final")
+    prepared = PreparedData(run_dir / "prepare-data")
+    splits, counts = load_prepared(prepared)
+    cfg = compose_config("train", TINY)
+    spec = masking_spec(cfg.masking, AutoTokenizer.from_pretrained(prepared.tokenizer), counts, final.config.vocab_size)
+    batches = validation_batches(splits["validation"], spec, cfg.validation.max_sequences, cfg.validation.batch_size,
+                                 cfg.validation.seed)
+    assert evaluate_mlm(final, batches, torch.device("cpu")) == pytest.approx(validation["student"])
+
+
+def stop_after_checkpoint(monkeypatch, step: int) -> None:
+    """Make the run die (as if killed) right after the checkpoint of `step` is written."""
+    real = checkpoint.save_checkpoint
+
+    def save_then_die(accelerator, out, state, resume_state, keep_last):
+        real(accelerator, out, state, resume_state, keep_last)
+        if state.step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+
+
+def test_resumed_run_gives_bitwise_the_same_weights(run_dir, tmp_path, monkeypatch):
+    reference = tmp_path / "uninterrupted"
+    shutil.copytree(run_dir, reference)
+    train(reference, "train.deterministic=true")
+
+    with monkeypatch.context() as patch:
+        stop_after_checkpoint(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train(run_dir, "train.deterministic=true")
+    assert read_manifest(run_dir / "distill")["status"] == "failed"
+    with pytest.raises(UsageError, match="loss.alpha_ce: 5.0 -> 1.0"):
+        train(run_dir, "train.deterministic=true", "train.resume=auto", "loss.alpha_ce=1.0")
+    train(run_dir, "train.deterministic=true", "train.resume=auto")
+
+    assert read_manifest(run_dir / "distill")["resumed_from"].endswith("step-2")
+    resumed, uninterrupted = final_weights(run_dir), final_weights(reference)
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
+    drop_speed = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(run_dir)]
+    assert drop_speed == [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(reference)]
+
+
+def test_a_fresh_run_does_not_reuse_checkpoints_of_an_interrupted_one(run_dir, monkeypatch):
+    with monkeypatch.context() as patch:
+        stop_after_checkpoint(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train(run_dir, "train.max_steps=3")
+    assert (run_dir / "distill" / "checkpoints" / "step-2").is_dir()
+    train(run_dir, "train.max_steps=1")  # resume=never (the default) starts over from step 0
+    assert read_manifest(run_dir / "distill")["resumed_from"] is None
+    assert [p.name for p in (run_dir / "distill" / "checkpoints").iterdir()] == ["step-1"]
+    assert [r["step"] for r in metrics(run_dir)] == [1]
+
+
+def test_mlm_only_loads_no_teacher(run_dir):
+    train(run_dir, "train.max_steps=1", experiment="mlm_only")
+    manifest = read_manifest(run_dir / "distill")
+    assert not [i for i in manifest["inputs"] if i.get("role") == "teacher"]
+    assert set(metrics(run_dir)[0]) == {"step", "loss", "loss_mlm", "lr", "tokens_per_s", "tokens_seen"}
+    assert json.loads((run_dir / "distill" / "validation.json").read_text())["teacher"] is None
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # skipped updates
+def test_non_finite_loss_stops_with_a_clear_message(run_dir, monkeypatch):
+    def nan_losses(*args, **kwargs):
+        return {"loss": torch.tensor(float("nan"), requires_grad=True)}
+
+    monkeypatch.setattr(loop, "distillation_losses", nan_losses)
+    with pytest.raises(UsageError, match=r"training diverged: non-finite loss at 2 steps.*max_bad_steps=1"):
+        train(run_dir, "train.max_bad_steps=1")
+    assert read_manifest(run_dir / "distill")["status"] == "failed"
+
+
+def test_headless_teacher_is_refused_for_logit_losses(tmp_path, tiny_teacher):
+    run_dir = tmp_path / "run"
+    headless = build_tiny_bert(tmp_path / "headless", num_layers=4, with_mlm_head=False)
+    prepare_data(run_dir, headless, tmp_path, n_lines=16)
+    init_student(run_dir, headless, "student.num_layers=2")
+    with pytest.raises(UsageError, match="no MLM head.*alpha_ce=0"):
+        train(run_dir)
+    assert read_manifest(run_dir / "distill")["status"] == "failed"
+
+
+def test_hidden_and_attention_losses_train_a_narrower_student_through_a_projection(tmp_path, inputs_run,
+                                                                                   tiny_teacher):
+    run_dir = tmp_path / "run"
+    shutil.copytree(inputs_run / "prepare-data", run_dir / "prepare-data")
+    init_student(run_dir, tiny_teacher, "student.num_layers=2", "student.hidden_size=16", "init=random")
+    train(run_dir, "train.max_steps=2", "loss.alpha_ce=0", "loss.alpha_mlm=0", "loss.alpha_cos=0",
+          "loss.alpha_hidden=1.0", "loss.alpha_attn=1.0")
+    manifest = read_manifest(run_dir / "distill")
+    assert manifest["layer_pairs"] == [[0, 5], [1, 11]]  # a random student: the uniform TinyBERT map
+    assert set(metrics(run_dir)[0]) == {"step", "loss", "loss_hidden", "loss_attn", "lr", "tokens_per_s",
+                                        "tokens_seen"}
+    checkpoint = torch.load(run_dir / "distill" / "checkpoints" / "step-2" / "pytorch_model.bin")
+    assert checkpoint["projection.weight"].shape == (32, 16)  # learned with the student, not saved in final/
+    assert not any(name.startswith("projection") for name in final_weights(run_dir))
+
+
+def test_teacher_with_another_vocabulary_is_refused(run_dir, tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    other = tmp_path / "other-teacher"
+    BertForMaskedLM(BertConfig(vocab_size=len(tiny_vocab()) + 7, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, intermediate_size=64)).save_pretrained(other)
+    with pytest.raises(UsageError, match="vocabularies differ"):
+        train(run_dir, f"teacher.name_or_path={other}")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("batch.global_batch_size=5", "not a multiple of batch.micro_batch_size=2"),
+    ("train.epochs=1", "exactly one positive training budget"),
+    ("train.mixed_precision=fp32", "train.mixed_precision must be one of"),
+])
+def test_impossible_settings_exit_2_before_any_work(run_dir, override, message):
+    result = CliRunner().invoke(app, ["train", *TINY, f"run_dir={run_dir}", override])
+    assert result.exit_code == 2 and message in result.output
+    assert not (run_dir / "distill").exists()
+
+
+def test_wandb_offline_needs_no_account_and_writes_under_the_run_dir(run_dir, tmp_path, monkeypatch):
+    for variable in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no wandb login
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(run_dir, "logger=wandb", "logger.mode=offline")
+    (offline_run,) = (run_dir / "distill" / "wandb").glob("offline-run-*")
+    assert list(offline_run.glob("*.wandb")), sorted(p.name for p in offline_run.iterdir())
+
+
+def test_missing_input_stage_exits_2_and_leaves_no_distill_stage(tmp_path):
+    result = CliRunner().invoke(app, ["train", *TINY, f"run_dir={tmp_path}"])
+    assert result.exit_code == 2 and f"input stage prepare-data not found: {tmp_path / 'prepare-data'}" in result.output
+    assert not (tmp_path / "distill").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_accumulation(run_dir, tmp_path):
+    """micro batch 2 x 2 processes and micro batch 2 x accumulation 2 take the same first update."""
+    single = tmp_path / "single"
+    shutil.copytree(run_dir, single)
+    # One step at the full learning rate (no warmup), so the update is visible.
+    common = [*TINY, "train.max_steps=1", "optim.warmup_fraction=0.0", "batch.global_batch_size=4",
+              "batch.micro_batch_size=2"]
+    train(single, *common[2:])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+         "-m", "distilbert_cli", "train", *common, f"run_dir={run_dir}"],
+        capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = read_manifest(run_dir / "distill")
+    assert (manifest["world_size"], manifest["accumulation"]) == (2, 1)
+    assert read_manifest(single / "distill")["accumulation"] == 2
+
+    initial = load_file(run_dir / "init-student" / "model" / "model.safetensors")
+    two, one = final_weights(run_dir), final_weights(single)
+    moved = 0.0
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-6)
+        moved = max(moved, float((tensor - initial[name]).abs().max()))
+    assert moved > 1e-4  # the step changed the weights, so the comparison means something

@@ -1,0 +1,68 @@
+"""Scores of fine-tuned runs: medians over seeds, retention, and the paired bootstrap, against hand values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distilbert_cli.tasks import get_task
+from distilbert_cli.tasks.results import paired_bootstrap, retention, summarize
+
+
+def test_median_over_seeds_task_scores_and_retention():
+    records = [{"model": "student", "task": "rte", "seed": s, "metrics": {"accuracy": a}}
+               for s, a in [(1, 50.0), (2, 70.0), (3, 60.0)]]
+    records += [{"model": "student", "task": "mrpc", "seed": s, "metrics": {"f1": f1, "accuracy": acc}}
+                for s, f1, acc in [(1, 80.0, 70.0), (2, 90.0, 60.0)]]
+    records += [{"model": "teacher", "task": "rte", "seed": 1, "metrics": {"accuracy": 80.0}}]
+    summary = summarize(records)
+    student = summary["student"]
+    assert student["tasks"]["rte"]["score"] == 60.0  # median of 50, 70, 60
+    assert student["tasks"]["mrpc"]["metrics"] == {"f1": 85.0, "accuracy": 65.0}  # medians of two seeds
+    assert student["tasks"]["mrpc"]["score"] == 75.0
+    assert student["score"] == 67.5
+    kept = retention(summary)
+    assert kept == {"tasks": ["rte"], "student": 60.0, "teacher": 80.0, "percent": 75.0}  # common tasks only
+
+
+def seed_runs(task: str, *predictions_by_seed, labels) -> list[dict]:
+    """`finetuned_runs`-shaped runs of one model: one per seed, all on the same dev labels."""
+    return [{"model": "m", "task": get_task(task), "seed": seed, "where": f"seed-{seed}",
+             "by_split": {"dev": (np.asarray(predictions), np.asarray(labels))}}
+            for seed, predictions in enumerate(predictions_by_seed)]
+
+
+def test_paired_bootstrap_of_identical_and_of_opposite_models():
+    labels = [0, 1] * 20
+    same = paired_bootstrap(seed_runs("rte", labels, labels=labels), seed_runs("rte", labels, labels=labels),
+                                      resamples=50, seed=0)
+    assert same == {"difference": 0.0, "low": 0.0, "high": 0.0, "resamples": 50, "dev_examples": 40}
+    wrong = [1 - y for y in labels]
+    opposite = paired_bootstrap(seed_runs("rte", labels, labels=labels),
+                                          seed_runs("rte", wrong, labels=labels), resamples=50, seed=0)
+    assert (opposite["difference"], opposite["low"], opposite["high"]) == (100.0, 100.0, 100.0)
+
+
+def test_paired_bootstrap_scores_as_the_table_does_and_separates_signal_from_noise():
+    labels = np.arange(200) % 2
+    baseline = np.where(np.arange(200) < 140, labels, 1 - labels)  # 70% right
+    one_more = baseline.copy()
+    one_more[140] = labels[140]  # right on one more example: 70.5%
+    many_more = np.where(np.arange(200) < 180, labels, 1 - labels)  # 90% right
+    # Three seeds: the median seed decides, as in the table (70.5 vs 70.0 here).
+    ours = seed_runs("rte", baseline, one_more, many_more, labels=labels)
+    theirs = seed_runs("rte", baseline, baseline, baseline, labels=labels)
+    close = paired_bootstrap(ours, theirs, resamples=300, seed=0)
+    assert close["difference"] == pytest.approx(0.5) and close["low"] <= 0 <= close["high"]
+    far = paired_bootstrap(seed_runs("rte", many_more, labels=labels), theirs[:1], resamples=300, seed=0)
+    assert far["difference"] == pytest.approx(20.0) and 10 < far["low"] < 20 < far["high"] < 30
+
+
+def test_paired_bootstrap_needs_the_same_dev_examples_and_a_defined_score():
+    ours = seed_runs("rte", [0, 1, 1], labels=[0, 1, 1])
+    assert paired_bootstrap(ours, seed_runs("rte", [0, 1, 1], labels=[0, 1, 0]), 10, 0) is None
+    assert paired_bootstrap(ours, seed_runs("sst2", [0, 1, 1], labels=[0, 1, 1]), 10, 0) is None
+    constant = seed_runs("stsb", [2.0, 2.0, 2.0], labels=[1.0, 2.5, 4.0])  # Pearson of a constant: undefined
+    assert paired_bootstrap(constant, constant, 10, 0) is None
+
+

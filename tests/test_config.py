@@ -1,0 +1,103 @@
+"""Every primary config, and every experiment and debug preset with the train config, composes; every key in
+conf/ is read by the code; experiments hold only their deltas."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+import distilbert_cli
+from distilbert_cli.cli import COMMANDS
+from distilbert_cli.config import CONF_DIR, compose_config
+from distilbert_cli.training.losses import LOSS_TERMS
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+PUBLIC_KEYS = {
+    "prepare_data": ["run_dir", "overwrite", "seed", "teacher.name_or_path"],
+    "init_student": ["run_dir", "overwrite", "seed", "teacher.name_or_path"],
+    "train": ["run_dir", "overwrite", "seed", "teacher.name_or_path", "logger.name"],
+    "finetune": ["run_dir", "overwrite", "seed", "task.names", "task.data_dir"],
+    "evaluate": ["run_dir", "overwrite", "seed", "task.names", "task.data_dir"],
+    "bench_cpu": ["run_dir", "overwrite", "seed", "task.names"],
+    "report": ["run_dir", "overwrite", "seed"],
+}
+SHARED_KEYS = {"run_dir", "overwrite", "seed", "trust_remote_code"}
+
+# null means "found in the run dir" (train's teacher) or "the hub" (task.data_dir).
+NULLABLE_KEYS = {"task.data_dir", "teacher.name_or_path"}
+YAML_FILES = sorted(CONF_DIR.rglob("*.yaml"))
+PACKAGE_SOURCE = "\n".join(path.read_text() for path in Path(distilbert_cli.__file__).parent.rglob("*.py"))
+# Keys the code reads by a computed name: the loss registry's weights, loss_cfg[f"alpha_{name}"].
+COMPUTED_KEYS = {f"alpha_{name}" for name in LOSS_TERMS}
+
+
+def leaf_keys(node, prefix: str = "") -> list[str]:
+    """Dotted names of the leaves of a YAML mapping (the entries of a list of mappings count as its keys)."""
+    if isinstance(node, list):
+        return [key for item in node if isinstance(item, dict) for key in leaf_keys(item, prefix)]
+    if not isinstance(node, dict):
+        return [prefix.rstrip(".")]
+    return [key for name, value in node.items() if name != "defaults" for key in leaf_keys(value, f"{prefix}{name}.")]
+
+
+@pytest.mark.parametrize("command", [c.config for c in COMMANDS])
+def test_primary_config_composes_with_public_keys(command):
+    cfg = compose_config(command)
+    for key in PUBLIC_KEYS[command]:
+        assert OmegaConf.select(cfg, key, default="absent", throw_on_missing=False) != "absent", key
+        assert key in NULLABLE_KEYS or OmegaConf.select(cfg, key, throw_on_missing=False) is not None, key
+
+
+def test_there_are_experiments():
+    assert "triple_loss" in EXPERIMENTS
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_with_train_and_debug(experiment):
+    cfg = compose_config("train", [f"+experiment={experiment}", "+debug=tiny"])
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_local_data_paths_override():
+    cfg = compose_config("prepare_data", ["data=local", "data.paths=[a.txt,b/*.jsonl]"])
+    assert list(cfg.data.paths) == ["a.txt", "b/*.jsonl"]
+
+
+@pytest.mark.parametrize("group", sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()))
+def test_every_group_option_is_used_by_some_primary_config(group):
+    """A config group nobody can select is dead YAML."""
+    primaries = [(CONF_DIR / f"{c.config}.yaml").read_text() for c in COMMANDS]
+    assert group in ("experiment", "debug") or any(f"- {group}:" in text for text in primaries), group
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda path: str(path.relative_to(CONF_DIR)))
+def test_every_leaf_key_is_read_by_the_code(path):
+    """A key no code reads is a setting that silently does nothing."""
+    for key in leaf_keys(yaml.safe_load(path.read_text()) or {}):
+        name = key.rsplit(".", 1)[-1]
+        read = name in COMPUTED_KEYS or re.search(rf"\.{name}\b|\[[\"']{name}[\"']\]", PACKAGE_SOURCE)
+        assert read, f"{path.name}: {key} is read nowhere in distilbert_cli/"
+
+
+@pytest.mark.parametrize("command", [c.config for c in COMMANDS])
+def test_shared_keys_come_from_one_file(command):
+    text = (CONF_DIR / f"{command}.yaml").read_text()
+    assert "- common" in text
+    assert not [key for key in SHARED_KEYS if re.search(rf"^{key}:", text, re.MULTILINE)], command
+    assert set(compose_config(command)) >= SHARED_KEYS
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiments_hold_only_their_deltas(experiment):
+    """Each value an experiment sets differs from the default of every command whose config has that key."""
+    keys = leaf_keys(yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text()) or {})
+    for key in keys:
+        defaults = [OmegaConf.select(cfg, key) for cfg in map(compose_config, [c.config for c in COMMANDS])
+                    if OmegaConf.select(cfg, key, default="absent") != "absent"]
+        value = OmegaConf.select(compose_config("train" if key.startswith("loss.") else "init_student",
+                                                [f"+experiment={experiment}"]), key)
+        assert defaults and all(value != default for default in defaults), (experiment, key)

@@ -1,0 +1,122 @@
+"""Dynamic masking (15%, 80/10/10, frequency smoothing) and length-grouped micro batches."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.testing import assert_close
+
+from distilbert_cli.training.masking import (
+    MaskingSpec,
+    StepLayout,
+    collate_masked,
+    epoch_micro_batches,
+    token_probabilities,
+)
+
+PAD, CLS, SEP, MASK = 0, 2, 3, 4
+SPECIALS = [PAD, 1, CLS, SEP, MASK]
+VOCAB = 50
+
+
+def spec(counts=None, exponent=0.7, mask_fraction=0.8, random_fraction=0.1) -> MaskingSpec:
+    counts = np.ones(VOCAB, dtype=np.int64) if counts is None else counts
+    return MaskingSpec(token_probabilities(counts, SPECIALS, exponent), mlm_probability=0.15,
+                       mask_fraction=mask_fraction, random_fraction=random_fraction, mask_token_id=MASK,
+                       pad_token_id=PAD, vocab_size=VOCAB)
+
+
+def sequences(lengths, seed=0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[CLS, *rng.integers(5, VOCAB, n - 2).tolist(), SEP] for n in lengths]
+
+
+def test_token_probabilities_follow_count_to_the_minus_exponent():
+    weights = token_probabilities(np.array([0, 1, 8, 4, 7]), special_ids=[4], exponent=1.0)
+    assert_close(weights, torch.tensor([1.0, 1.0, 1 / 8, 1 / 4, 0.0]))  # unseen counts as 1; specials 0
+
+
+def test_targets_are_15_percent_of_real_tokens_never_special_and_labelled():
+    batch_sequences = sequences([20, 13, 7])
+    batch = collate_masked(batch_sequences, spec(), torch.Generator().manual_seed(0))
+    assert batch["input_ids"].shape == (3, 20) and batch["n_tokens"] == 40
+    assert batch["attention_mask"].sum() == 40 and batch["input_ids"][2, 7:].eq(PAD).all()
+    assert len(batch["target_rows"]) == math.ceil(0.15 * 40)
+    original = torch.full((3, 20), PAD)
+    for row, seq in enumerate(batch_sequences):
+        original[row, : len(seq)] = torch.tensor(seq)
+    assert torch.equal(batch["target_labels"], original.flatten()[batch["target_rows"]])
+    assert not np.isin(batch["target_labels"].numpy(), SPECIALS).any()
+    assert torch.equal(batch["token_rows"][batch["targets_in_tokens"]], batch["target_rows"])
+    untouched = torch.ones(60, dtype=torch.bool)
+    untouched[batch["target_rows"]] = False
+    assert torch.equal(batch["input_ids"].flatten()[untouched], original.flatten()[untouched])
+
+
+def test_80_10_10_split_of_targets():
+    s = spec()
+    masked = random = kept = 0
+    generator = torch.Generator().manual_seed(1)
+    for seed in range(200):
+        batch = collate_masked(sequences([40] * 8, seed=seed), s, generator)
+        now = batch["input_ids"].flatten()[batch["target_rows"]]
+        masked += int((now == MASK).sum())
+        kept += int((now == batch["target_labels"]).sum())
+        random += int(((now != MASK) & (now != batch["target_labels"])).sum())
+    total = masked + random + kept
+    # A random replacement equals the original token 1/VOCAB of the time and then counts as kept.
+    assert abs(masked / total - 0.8) < 0.02 and abs(random / total - 0.1 * 44 / 50) < 0.02
+    assert abs(kept / total - (0.1 + 0.1 * 6 / 50)) < 0.02
+
+
+def test_frequent_tokens_are_masked_less_often():
+    counts = np.ones(VOCAB, dtype=np.int64)
+    counts[5] = 10_000  # a very frequent token
+    frequent_share = []
+    for exponent in (0.0, 0.7):
+        s = spec(counts, exponent)
+        generator = torch.Generator().manual_seed(0)
+        hits = total = 0
+        seqs = [[CLS, *([5] * 10), *range(10, 20), SEP]] * 4
+        for _ in range(100):
+            batch = collate_masked(seqs, s, generator)
+            hits += int((batch["target_labels"] == 5).sum())
+            total += len(batch["target_labels"])
+        frequent_share.append(hits / total)
+    assert 0.4 < frequent_share[0] < 0.6  # uniform: half the maskable tokens are the frequent one
+    assert frequent_share[1] < 0.01  # smoothed: 10000^-0.7 = 0.0016 of a rare token's weight
+
+
+def test_same_seed_same_masks():
+    seqs = sequences([30, 25])
+    first = collate_masked(seqs, spec(), torch.Generator().manual_seed(7))
+    again = collate_masked(seqs, spec(), torch.Generator().manual_seed(7))
+    other = collate_masked(seqs, spec(), torch.Generator().manual_seed(8))
+    assert torch.equal(first["input_ids"], again["input_ids"])
+    assert not torch.equal(first["target_rows"], other["target_rows"])
+
+
+def test_epoch_micro_batches_cover_each_sequence_once_and_group_lengths():
+    lengths = np.random.default_rng(0).integers(12, 512, size=1003)
+    grouped = epoch_micro_batches(lengths, micro_batch_size=5, seed=1, epoch=0, group_window=50)
+    assert grouped.shape == (200, 5) and len(np.unique(grouped)) == 1000
+    assert np.array_equal(grouped, epoch_micro_batches(lengths, 5, seed=1, epoch=0, group_window=50))
+    assert not np.array_equal(grouped, epoch_micro_batches(lengths, 5, seed=1, epoch=1, group_window=50))
+    ungrouped = epoch_micro_batches(lengths, 5, seed=1, epoch=0, group_window=1)
+
+    def padding(batches):
+        return float((lengths[batches].max(1, keepdims=True) - lengths[batches]).sum() / lengths[batches].sum())
+
+    assert padding(grouped) < 0.05 < 0.5 < padding(ungrouped)
+
+
+def test_one_process_with_accumulation_and_two_processes_share_each_step():
+    one = StepLayout(micro_batch_size=2, accumulation=4, world_size=1, steps_per_epoch=3)
+    two = StepLayout(micro_batch_size=2, accumulation=2, world_size=2, steps_per_epoch=3)
+    for step in range(7):
+        on_one = {one.locate(step, a, 0) for a in range(4)}
+        on_two = {two.locate(step, a, r) for a in range(2) for r in range(2)}
+        assert on_one == on_two
+    assert one.locate(3, 0, 0) == (1, 0, 12)  # step 3 starts epoch 1 at its first micro batch
