@@ -18,7 +18,7 @@ import typer
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from distilbert_cli.config import compose_config, one_line, renamed_overrides, require_complete_config, to_yaml
+from distilbert_cli.config import compose_config, one_line, renamed_overrides, to_yaml
 from distilbert_cli.errors import UsageError
 from distilbert_cli.logs import setup_console_logging
 from distilbert_cli.stages import bench_cpu, evaluate, finetune, init_student, prepare_data, report, train
@@ -92,11 +92,10 @@ def _make_command(spec: StageCommand):
         for note in notes:
             typer.echo(f"note: {note}", err=True)
         try:
-            cfg = compose_config(spec.config, overrides)
+            cfg = compose_config(spec.config, overrides, validate=not show_cfg)
             if show_cfg:
                 typer.echo(to_yaml(cfg), nl=False)
                 return
-            require_complete_config(cfg)
             setup_console_logging()
             spec.run(cfg, overrides)
         except UsageError as exc:

@@ -2,7 +2,8 @@
 
 Every command has one primary config (`conf/<command>.yaml`); overrides are passed to Hydra
 verbatim, so `distil train +experiment=triple_loss loss.temperature=4` behaves exactly as a Hydra
-app would. Composition and type errors become `UsageError`s (one line, exit 2).
+app would. The composed config is validated against its schema (distilbert_cli.schema); composition errors and
+values the schema refuses become `UsageError`s (one line, exit 2).
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from distilbert_cli.errors import UsageError
+from distilbert_cli.schema import problems
 
 # Config groups whose options are run-level presets rather than a command's own settings.
 PRESET_GROUPS = ("experiment", "debug")
@@ -39,43 +40,6 @@ def one_line(exc: BaseException) -> str:
     return " ".join(parts) or "invalid configuration"
 
 
-def _kind(value) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, ListConfig | list | tuple):
-        return "list"
-    if isinstance(value, DictConfig | dict):
-        return "dict"
-    return "null"
-
-
-def _is_group(key: str) -> bool:
-    return (CONF_DIR / key.replace(".", "/")).is_dir()
-
-
-def _check_override_types(base: DictConfig, overrides: Sequence[str]) -> None:
-    """Plain YAML has no schema, so compare each `key=value` override with the default it replaces."""
-    for override in OverridesParser.create().parse_overrides(list(overrides)):
-        if override.is_add() or override.is_delete() or override.is_force_add():
-            continue
-        key = override.key_or_group
-        if _is_group(key) or OmegaConf.select(base, key, default=None, throw_on_missing=False) is None:
-            continue  # group choices are Hydra's to check; `???`, null and absent defaults take any type
-        default = OmegaConf.select(base, key)
-        value = override.value()
-        if override.is_sweep_override() or _kind(value) == "null":
-            continue
-        if _kind(value) != _kind(default):
-            raise UsageError(
-                f"{key}={override.get_value_element_as_str()}: expected a {_kind(default)} "
-                f"like the default {default}, got a {_kind(value)}"
-            )
-
-
 def _override_key(override: str) -> str:
     return override.lstrip("+~").split("=")[0]
 
@@ -95,8 +59,9 @@ def renamed_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     return current, notes
 
 
-def compose_config(command_config: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose `conf/<command_config>.yaml` with `overrides`; raise UsageError on any user mistake.
+def compose_config(command_config: str, overrides: Sequence[str] = (), validate: bool = True) -> DictConfig:
+    """Compose `conf/<command_config>.yaml` with `overrides`; raise UsageError on any user mistake. With `validate`,
+    every required value must be set and every value must fit the schema (distilbert_cli.schema).
 
     Presets (`+experiment=`, `+debug=`) describe a whole run: each command keeps the top-level sections of the
     preset that its own config has (random_init's `init` goes to init-student, not to train).
@@ -111,11 +76,12 @@ def compose_config(command_config: str, overrides: Sequence[str] = ()) -> DictCo
                 with open_dict(cfg):
                     for key in [key for key in cfg if key not in own]:
                         del cfg[key]
-            group_choices = [o for o in overrides if _is_group(_override_key(o))]
-            base = compose(config_name=command_config, overrides=group_choices)
     except (HydraException, OmegaConfBaseException) as exc:
         raise UsageError(one_line(exc)) from exc
-    _check_override_types(base, overrides)
+    if validate:
+        require_complete_config(cfg)
+        if found := problems(command_config, OmegaConf.to_container(cfg, resolve=True)):
+            raise UsageError("; ".join(found))
     return cfg
 
 

@@ -70,11 +70,11 @@ def test_unknown_key_exits_2_with_one_line_naming_it():
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("seed=abc", "seed=abc: expected a number"),
-    ("overwrite=maybe", "overwrite=maybe: expected a bool"),
+    ("seed=abc", "seed='abc': input should be a valid integer"),
+    ("overwrite=maybe", "overwrite='maybe': input should be a valid boolean"),
     ("loss=no_such_loss", "no_such_loss"),
     ("+experiment=no_such_experiment", "no_such_experiment"),
-    ("loss.temperature=[1,2]", "expected a number"),
+    ("loss.temperature=[1,2]", "loss.temperature=[1, 2]: input should be a valid number"),
 ])
 def test_bad_values_exit_2_with_one_line(override, expected):
     result = runner.invoke(app, ["train", override])

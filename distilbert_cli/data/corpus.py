@@ -20,8 +20,6 @@ from distilbert_cli.logs import is_main_process
 log = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
-TXT_SPLITS = ("line", "blank_line")
-BAD_LINE_POLICIES = ("skip", "fail")
 
 _SNIFF_BYTES = 8192
 _PROGRESS_BYTES = 1 << 20

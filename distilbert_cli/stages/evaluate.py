@@ -86,18 +86,9 @@ def finetune_notes(finetune_dir: Path, tasks: Sequence[Task]) -> tuple[str, list
     return describe_data(tasks, config["task"]["data_dir"]), notes
 
 
-def check_eval_config(cfg: DictConfig) -> None:
-    for key in ("max_seq_length", "batch_size"):
-        if cfg.eval[key] <= 0:
-            raise UsageError(f"eval.{key} must be positive, got {cfg.eval[key]}")
-    if cfg.eval.max_samples is not None and cfg.eval.max_samples <= 0:
-        raise UsageError(f"eval.max_samples must be positive or null, got {cfg.eval.max_samples}")
-
-
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     """Score, tabulate and write results.{json,md}; return the results.json payload."""
     tasks = get_tasks(cfg.task.names)
-    check_eval_config(cfg)
     model_dirs = resolve_model_dirs(cfg, tasks)
     for _, task in model_dirs:
         task.check_files(cfg.task.data_dir, task.dev_splits)

@@ -28,48 +28,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from distilbert_cli import artifacts
-from distilbert_cli.data.corpus import (
-    BAD_LINE_POLICIES,
-    TXT_SPLITS,
-    check_corpus_file,
-    corpus_paths,
-    resolve_corpus_files,
-)
+from distilbert_cli.data.corpus import check_corpus_file, corpus_paths, resolve_corpus_files
 from distilbert_cli.data.prepared import build_prepared
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models.loading import load_tokenizer
 from distilbert_cli.rundir import open_stage, write_json_atomic
 
 log = logging.getLogger(__name__)
-
-
-def _check_settings(cfg: DictConfig) -> None:
-    """Impossible values fail here, before any file is read."""
-    prepare, data = cfg.prepare, cfg.data
-    if not isinstance(prepare.max_seq_length, int) or prepare.max_seq_length < 3:
-        raise UsageError(f"prepare.max_seq_length must be an integer >= 3 ([CLS], a token, [SEP]), "
-                         f"got {prepare.max_seq_length}")
-    if not isinstance(prepare.min_seq_length, int) or not 0 <= prepare.min_seq_length <= prepare.max_seq_length:
-        raise UsageError(f"prepare.min_seq_length must be an integer between 0 and prepare.max_seq_length "
-                         f"({prepare.max_seq_length}), got {prepare.min_seq_length}")
-    if not 0 < prepare.max_unk_fraction <= 1:
-        raise UsageError(f"prepare.max_unk_fraction must be in (0, 1], got {prepare.max_unk_fraction}")
-    size = prepare.validation_size
-    if not ((isinstance(size, float) and 0 < size < 1) or (isinstance(size, int) and size >= 1)):
-        raise UsageError(f"prepare.validation_size must be a fraction in (0, 1) or a number of sequences >= 1, "
-                         f"got {size}")
-    if prepare.num_proc is not None and (not isinstance(prepare.num_proc, int) or prepare.num_proc < 1):
-        raise UsageError(f"prepare.num_proc must be null (one per CPU core) or an integer >= 1, got {prepare.num_proc}")
-    if not isinstance(prepare.batch_size, int) or prepare.batch_size < 1:
-        raise UsageError(f"prepare.batch_size must be an integer >= 1, got {prepare.batch_size}")
-    if data.source not in ("local", "hub"):
-        raise UsageError(f"data.source must be local or hub, got {data.source!r}")
-    if data.bad_lines not in BAD_LINE_POLICIES:
-        raise UsageError(f"data.bad_lines must be one of {', '.join(BAD_LINE_POLICIES)}, got {data.bad_lines!r}")
-    if data.source == "local" and data.txt_split not in TXT_SPLITS:
-        raise UsageError(f"data.txt_split must be one of {', '.join(TXT_SPLITS)}, got {data.txt_split!r}")
-    if data.source == "hub" and not data.datasets:
-        raise UsageError("data.datasets is empty: list the hub datasets to read (name, config, split, ...)")
 
 
 def _check_tokenizer(tokenizer, cfg: DictConfig) -> None:
@@ -100,7 +65,6 @@ def _record_corpus(stage, data: DictConfig) -> None:
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     """Tokenize the configured corpus into `<run_dir>/prepare-data/`; returns that directory."""
     started = time.perf_counter()
-    _check_settings(cfg)
     files = resolve_corpus_files(corpus_paths(cfg.data)) if cfg.data.source == "local" else []
     for path in files:
         check_corpus_file(path, cfg.data.text_field)

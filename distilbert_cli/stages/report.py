@@ -31,8 +31,6 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     for path in [run_dir, *baseline_dirs]:
         if not path.is_dir():
             raise UsageError(f"run directory not found: {path}")
-    if cfg.report.bootstrap_resamples < 0:
-        raise UsageError(f"report.bootstrap_resamples must be >= 0 (0: off), got {cfg.report.bootstrap_resamples}")
     if artifacts.complete_stage(run_dir, artifacts.DISTILL) is None:
         raise UsageError(f"nothing to report: {run_dir / artifacts.DISTILL} is not a complete distill stage")
     with open_stage(cfg, artifacts.REPORT, overrides) as stage:

@@ -151,7 +151,7 @@ def finetune_one(ft: DictConfig, task: Task, name: str, source: str, seed: int, 
                 loss = soft.alpha_task * loss + soft.alpha_ce * task.soft_target_loss(logits, teacher_logits,
                                                                                       soft.temperature)
             accelerator.backward(loss)
-            if ft.max_grad_norm > 0:
+            if ft.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), ft.max_grad_norm)
             optimizer.step()
             scheduler.step()

@@ -49,7 +49,8 @@ def train(run: Distillation, cfg: DictConfig, accelerator, out: DistillOutputs, 
             metrics.add(losses)
         lr = run.scheduler.get_last_lr()[0]
         if bool(accelerator.gather(torch.isfinite(step_loss).float().reshape(1)).all()):
-            accelerator.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
+            if cfg.optim.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
             run.optimizer.step()
         else:
             state.bad_steps += 1

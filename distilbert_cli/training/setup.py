@@ -27,7 +27,6 @@ from distilbert_cli.training.masking import DistillationBatches, MaskingSpec, St
 
 log = logging.getLogger(__name__)
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
 TEACHER_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -58,30 +57,15 @@ class Distillation:
 
 
 def accumulation_steps(cfg: DictConfig, world_size: int) -> int:
-    """Validate the values a user can get wrong before anything heavy; return the accumulation steps."""
-    batch, train, masking = cfg.batch, cfg.train, cfg.masking
-    if batch.micro_batch_size < 1 or batch.global_batch_size < 1 or batch.group_window < 1:
-        raise UsageError("batch.global_batch_size, batch.micro_batch_size and batch.group_window must be >= 1")
+    """The accumulation steps for `world_size` processes, after the checks the schema cannot make (it does not
+    know the processes, the machine or the files)."""
+    batch, train = cfg.batch, cfg.train
     accumulation, remainder = divmod(batch.global_batch_size, batch.micro_batch_size * world_size)
     if remainder or accumulation == 0:
         raise UsageError(f"batch.global_batch_size={batch.global_batch_size} is not a multiple of "
                          f"batch.micro_batch_size={batch.micro_batch_size} x {world_size} process(es)")
-    budgets = {k: train[k] for k in ("max_steps", "epochs", "max_tokens") if train[k] is not None}
-    if len(budgets) != 1 or next(iter(budgets.values())) <= 0:
-        raise UsageError(f"set exactly one positive training budget among train.max_steps, train.epochs, "
-                         f"train.max_tokens (the others null); got {budgets or 'none'}")
-    if train.mixed_precision not in MIXED_PRECISION:
-        raise UsageError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
-                         f"got {train.mixed_precision!r}")
     if train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("train.mixed_precision=fp16 needs a CUDA GPU (use bf16 or no on CPU)")
-    if not 0 < masking.mlm_probability <= 1:
-        raise UsageError(f"masking.mlm_probability must be in (0, 1], got {masking.mlm_probability}")
-    if masking.mask_fraction < 0 or masking.random_fraction < 0 or masking.mask_fraction + masking.random_fraction > 1:
-        raise UsageError("masking.mask_fraction and masking.random_fraction must be >= 0 and sum to <= 1")
-    if train.log_every < 1 or train.checkpoint_every < 1 or train.keep_last < 1 or train.max_bad_steps < 0:
-        raise UsageError("train.log_every, train.checkpoint_every and train.keep_last must be >= 1, "
-                         "train.max_bad_steps >= 0")
     if train.resume not in ("never", "auto") and not (Path(train.resume) / "trainer_state.json").is_file():
         raise UsageError(f"train.resume must be never, auto or a checkpoint directory; {train.resume!r} "
                          "has no trainer_state.json")

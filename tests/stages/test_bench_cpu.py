@@ -189,9 +189,10 @@ def test_local_data_dir_without_stsb_is_a_usage_error(tmp_path):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["bench.models=[/no/such/model]"], "model directory does not exist: /no/such/model"),
-    (["bench.models=[/tmp]", "bench.backends=[eager,tensorrt]"], "unknown backend(s) ['tensorrt'] in bench.backends"),
-    (["bench.batch_sizes=[0]"], "bench.batch_sizes must list distinct positive sizes"),
-    (["bench.padding=none"], "bench.padding must be one of"),
+    (["bench.models=[/tmp]", "bench.backends=[eager,tensorrt]"],
+     "bench.backends.1='tensorrt': input should be 'eager', 'compile'"),
+    (["bench.batch_sizes=[0]"], "bench.batch_sizes.0=0: input should be greater than or equal to 1"),
+    (["bench.padding=none"], "bench.padding='none': input should be 'longest' or 'max_length'"),
     ([], "input stage init-student not found"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, overrides, message):

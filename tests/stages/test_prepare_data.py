@@ -247,8 +247,10 @@ def test_unknown_tokenizer_hub_dataset_and_impossible_settings(tmp_path, run_dir
     _assert_fails(run_dir, "./no/such/teacher", "teacher tokenizer directory does not exist", paths)
     _assert_fails(run_dir, "no-such-org/no-such-model", "cannot load teacher tokenizer", paths)
     _assert_fails(run_dir, tiny_teacher, "exceeds the model_max_length 128", paths, "prepare.max_seq_length=512")
-    _assert_fails(run_dir, tiny_teacher, "prepare.max_seq_length must be", paths, "prepare.max_seq_length=2")
-    _assert_fails(run_dir, tiny_teacher, "prepare.validation_size must be", paths, "prepare.validation_size=0")
+    _assert_fails(run_dir, tiny_teacher, "prepare.max_seq_length=2: input should be greater than or equal to 3", paths,
+                  "prepare.max_seq_length=2")
+    _assert_fails(run_dir, tiny_teacher, "prepare.validation_size=0: input should be greater than 0", paths,
+                  "prepare.validation_size=0")
     _assert_fails(run_dir, tiny_teacher, "leaves no training sequences", paths, "prepare.validation_size=2")
     with pytest.raises(UsageError, match="cannot load dataset wikimedia/wikipedia"):  # offline: the hub default
         prepare_data.run(compose_config("prepare_data", [f"teacher.name_or_path={tiny_teacher}", f"run_dir={run_dir}",

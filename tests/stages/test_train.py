@@ -210,8 +210,8 @@ def test_teacher_with_another_vocabulary_is_refused(run_dir, tmp_path):
 
 @pytest.mark.parametrize(("override", "message"), [
     ("batch.global_batch_size=5", "not a multiple of batch.micro_batch_size=2"),
-    ("train.epochs=1", "exactly one positive training budget"),
-    ("train.mixed_precision=fp32", "train.mixed_precision must be one of"),
+    ("train.epochs=1", "set exactly one training budget"),
+    ("train.mixed_precision=fp32", "train.mixed_precision='fp32': input should be 'no', 'bf16' or 'fp16'"),
 ])
 def test_impossible_settings_exit_2_before_any_work(run_dir, override, message):
     result = CliRunner().invoke(app, ["train", *TINY, f"run_dir={run_dir}", override])

@@ -1,0 +1,374 @@
+"""The config schema: one pydantic model per config group, one per command. Every composed config is validated
+before any work (types, finiteness, ranges, choices, unknown keys), so an impossible value is one `error:` line
+naming the key, the value and what is allowed.
+
+The YAML in conf/ holds every default once; the models here hold no defaults, only what a value may be. Checks
+that need the run (the number of processes, the data, the models) stay with the stage that has them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from distilbert_cli.training.losses import LOSS_TERMS
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]  # a probability or a share, 0..1
+Precision = Literal["no", "bf16", "fp16"]
+
+
+class Group(BaseModel):
+    """Strict: no string-to-number coercion, no unknown keys."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+def _distinct(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError("must not name an entry twice")
+    return values
+
+
+# ---- groups shared by several commands ------------------------------------------------------------------
+
+class Common(Group):
+    run_dir: str
+    overwrite: bool
+    seed: NonNegativeInt
+    trust_remote_code: bool
+
+
+class Teacher(Group):
+    name_or_path: str | None  # train: null = the teacher init-student recorded
+
+
+class Task(Group):
+    names: Annotated[list[str], Field(min_length=1)]
+    data_dir: str | None
+
+    _distinct_names = field_validator("names")(_distinct)
+
+
+# ---- prepare-data -------------------------------------------------------------------------------------
+
+class LocalData(Group):
+    source: Literal["local"]
+    paths: str | Annotated[list[str], Field(min_length=1)]
+    txt_split: Literal["line", "blank_line"]
+    text_field: str
+    bad_lines: Literal["skip", "fail"]
+
+
+class HubDataset(Group):
+    name: str
+    config: str | None
+    split: str
+    revision: str | None
+    text_field: str
+
+
+class HubData(Group):
+    source: Literal["hub"]
+    datasets: Annotated[list[HubDataset], Field(min_length=1)]
+    streaming: bool
+    bad_lines: Literal["skip", "fail"]
+
+
+class Prepare(Group):
+    max_seq_length: Annotated[int, Field(ge=3)]  # [CLS], a token, [SEP]
+    min_seq_length: NonNegativeInt
+    max_unk_fraction: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+    pack: bool
+    # a fraction of the sequences, or a number of sequences
+    validation_size: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | PositiveInt
+    num_proc: PositiveInt | None  # null: one per CPU core
+    batch_size: PositiveInt
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.min_seq_length > self.max_seq_length:
+            raise ValueError(f"prepare.min_seq_length={self.min_seq_length} exceeds prepare.max_seq_length="
+                             f"{self.max_seq_length}")
+        return self
+
+
+class PrepareData(Common):
+    teacher: Teacher
+    data: Annotated[LocalData | HubData, Field(discriminator="source")]
+    prepare: Prepare
+
+
+# ---- init-student -------------------------------------------------------------------------------------
+
+class Student(Group):
+    arch: Literal["distilbert", "same_arch"]
+    num_layers: PositiveInt
+    hidden_size: PositiveInt | None  # null: the teacher's
+    num_attention_heads: PositiveInt | None
+    intermediate_size: PositiveInt | None
+
+
+class Init(Group):
+    strategy: Literal["every_other", "uniform", "first_k", "last_k", "explicit", "random"]
+    layers: list[NonNegativeInt] | None  # init=explicit only
+
+
+class InitStudent(Common):
+    teacher: Teacher
+    student: Student
+    init: Init
+    fold_token_type_embeddings: bool
+    copy_mlm_head_transform: bool
+
+
+# ---- train ------------------------------------------------------------------------------------------------
+
+# The loss weights come from the registry: adding a loss adds its `alpha_<name>` here.
+_LossWeights = create_model("_LossWeights", __base__=Group,
+                            **{f"alpha_{name}": (NonNegativeFloat, ...) for name in LOSS_TERMS})
+
+
+class Loss(_LossWeights):
+    temperature: PositiveFloat
+    restrict_ce_to_mask: bool
+
+    @model_validator(mode="after")
+    def _some_weight(self):
+        if not any(getattr(self, f"alpha_{name}") for name in LOSS_TERMS):
+            raise ValueError("every loss weight is 0: set at least one of "
+                             + ", ".join(f"loss.alpha_{name}" for name in LOSS_TERMS))
+        return self
+
+
+class Batch(Group):
+    global_batch_size: PositiveInt
+    micro_batch_size: PositiveInt
+    group_window: PositiveInt  # 1: no length grouping
+    num_workers: NonNegativeInt
+
+
+class Optim(Group):
+    lr: PositiveFloat
+    betas: Annotated[list[Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]], Field(min_length=2, max_length=2)]
+    eps: PositiveFloat
+    weight_decay: NonNegativeFloat
+    warmup_fraction: Fraction
+    max_grad_norm: PositiveFloat | None  # null: no clipping
+
+
+class WandbLogger(Group):
+    name: Literal["wandb"]
+    mode: Literal["online", "offline", "disabled"]
+    project: str
+
+
+class NoLogger(Group):
+    name: Literal["none"]
+
+
+class Masking(Group):
+    mlm_probability: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+    mask_fraction: Fraction
+    random_fraction: Fraction
+    smoothing_exponent: NonNegativeFloat
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.mask_fraction + self.random_fraction > 1:
+            raise ValueError(f"masking.mask_fraction + masking.random_fraction = "
+                             f"{self.mask_fraction + self.random_fraction} exceeds 1")
+        return self
+
+
+class TrainSettings(Group):
+    max_steps: PositiveInt | None
+    epochs: PositiveFloat | None
+    max_tokens: PositiveInt | None
+    log_every: PositiveInt
+    checkpoint_every: PositiveInt
+    keep_last: PositiveInt
+    resume: str  # never | auto | a checkpoint directory
+    mixed_precision: Precision
+    compile: bool
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"]
+    deterministic: bool
+    max_bad_steps: NonNegativeInt
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        budgets = {k: getattr(self, k) for k in ("max_steps", "epochs", "max_tokens") if getattr(self, k) is not None}
+        if len(budgets) != 1:
+            raise ValueError(f"set exactly one training budget among train.max_steps, train.epochs, "
+                             f"train.max_tokens (the others null); got {budgets or 'none'}")
+        return self
+
+
+class Validation(Group):
+    max_sequences: PositiveInt
+    batch_size: PositiveInt
+    seed: NonNegativeInt
+
+
+class Train(Common):
+    loss: Loss
+    batch: Batch
+    optim: Optim
+    logger: Annotated[WandbLogger | NoLogger, Field(discriminator="name")]
+    teacher: Teacher
+    masking: Masking
+    train: TrainSettings
+    validation: Validation
+
+
+# ---- finetune, evaluate -----------------------------------------------------------------------------------
+
+class SoftTargets(Group):
+    teacher: str | None  # null (off), `teacher`, or a path template with {task} and {seed}
+    alpha_ce: NonNegativeFloat
+    alpha_task: NonNegativeFloat
+    temperature: PositiveFloat
+
+
+class FinetuneSettings(Group):
+    models: Annotated[list[str], Field(min_length=1)]
+    seeds: Annotated[list[NonNegativeInt], Field(min_length=1)]
+    max_seq_length: PositiveInt
+    batch_size: PositiveInt
+    learning_rate: PositiveFloat
+    weight_decay: NonNegativeFloat
+    warmup_ratio: Fraction
+    max_grad_norm: PositiveFloat | None  # null: no clipping
+    epochs: PositiveInt
+    long_tasks: list[str]
+    long_task_epochs: PositiveInt
+    max_train_samples: PositiveInt | None
+    max_eval_samples: PositiveInt | None
+    mixed_precision: Precision
+    save_models: bool
+    soft_targets: SoftTargets
+
+    _distinct_seeds = field_validator("seeds")(_distinct)
+
+    @model_validator(mode="after")
+    def _teacher_listed(self):
+        if self.soft_targets.teacher == "teacher" and "teacher" not in self.models:
+            raise ValueError("finetune.soft_targets.teacher=teacher needs teacher in finetune.models")
+        return self
+
+
+class Finetune(Common):
+    task: Task
+    finetune: FinetuneSettings
+
+
+class EvalSettings(Group):
+    model_dirs: list[str]
+    max_seq_length: PositiveInt
+    batch_size: PositiveInt
+    max_samples: PositiveInt | None
+    note: str | None
+
+
+class Evaluate(Common):
+    task: Task
+    eval: EvalSettings
+
+
+# ---- bench-cpu, report ------------------------------------------------------------------------------------
+
+class BenchSettings(Group):
+    models: Annotated[list[str], Field(min_length=1)]
+    backends: Annotated[list[Literal["eager", "compile", "int8", "onnx", "onnx_int8"]], Field(min_length=1)]
+    batch_sizes: Annotated[list[PositiveInt], Field(min_length=1)]
+    max_seq_length: PositiveInt
+    padding: Literal["longest", "max_length"]
+    num_threads: PositiveInt | None
+    warmup_batches: NonNegativeInt
+    repeats: PositiveInt
+    rounds: PositiveInt
+    max_examples: PositiveInt | None
+    check_examples: PositiveInt
+    compile_backend: str
+
+    _distinct_entries = field_validator("backends", "batch_sizes")(_distinct)
+
+
+class BenchCpu(Common):
+    task: Task
+    bench: BenchSettings
+
+    @model_validator(mode="after")
+    def _one_task(self):
+        if len(self.task.names) != 1:
+            raise ValueError(f"bench-cpu times one task's dev set; task.names names {self.task.names} "
+                             "(use task=stsb, the paper's workload)")
+        return self
+
+
+class ReportSettings(Group):
+    baselines: list[str]
+    teacher_note: str | None
+    bootstrap_resamples: NonNegativeInt  # 0: off
+
+
+class Report(Common):
+    report: ReportSettings
+
+
+# The schema of each command's primary config (conf/<name>.yaml).
+COMMAND_SCHEMAS: dict[str, type[BaseModel]] = {
+    "prepare_data": PrepareData, "init_student": InitStudent, "train": Train, "finetune": Finetune,
+    "evaluate": Evaluate, "bench_cpu": BenchCpu, "report": Report,
+}
+
+
+def problems(command: str, config: dict) -> list[str]:
+    """What is wrong with a composed config (a plain dict), one `key=value: what is allowed` per key."""
+    try:
+        COMMAND_SCHEMAS[command].model_validate(config)
+    except ValidationError as exc:
+        by_key: dict[str, list[str]] = {}
+        for error in exc.errors():
+            key, value = _locate(config, error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown key"
+            elif error["type"] == "missing":
+                message = "required"
+            elif value is not _NO_VALUE and not isinstance(value, dict):
+                key = f"{key}={_shown(value)}"
+            by_key.setdefault(key, [])
+            if message not in by_key[key]:
+                by_key[key].append(message[0].lower() + message[1:])
+        return [f"{key}: {' or '.join(messages)}" if key else " or ".join(messages)
+                for key, messages in by_key.items()]
+    return []
+
+
+_NO_VALUE = object()
+
+
+def _locate(config: dict, loc: tuple) -> tuple[str, object]:
+    """The dotted key of an error location and the value there: pydantic's location also names union members
+    and discriminator tags, which are not keys of the config."""
+    parts, node = [], config
+    for part in loc:
+        in_dict = isinstance(node, dict) and part in node
+        if in_dict or isinstance(node, list) and isinstance(part, int) and part < len(node):
+            parts.append(str(part))
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and part == loc[-1]:
+            return ".".join([*parts, part]), _NO_VALUE  # a key that is not there
+    return ".".join(parts), node
+
+
+def _shown(value) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return str(value) if isinstance(value, bool | int | float) else repr(value)
