@@ -20,42 +20,77 @@ from omegaconf.errors import MissingMandatoryValue
 
 from distilbert_cli.config import compose_config, one_line, renamed_overrides, to_yaml
 from distilbert_cli.errors import UsageError
-from distilbert_cli.logs import setup_console_logging
-from distilbert_cli.stages import bench_cpu, evaluate, finetune, init_student, prepare_data, report, train
 
 USAGE_EXIT_CODE = 2
+StageRun = Callable[[DictConfig, Sequence[str]], object]
 
 
 @dataclass(frozen=True)
 class StageCommand:
     name: str
     config: str  # primary config in conf/
-    run: Callable[[DictConfig, Sequence[str]], object]  # the stage's run(cfg, overrides)
+    stage: Callable[[], StageRun]  # imports the stage module and gives its run(cfg, overrides)
     summary: str
     io: str
     aliases: tuple[str, ...] = ()
 
 
+# A stage is imported when its command runs, so that `distil --help` and `--cfg` start without torch.
+def _prepare_data() -> StageRun:
+    from distilbert_cli.stages import prepare_data
+    return prepare_data.run
+
+
+def _init_student() -> StageRun:
+    from distilbert_cli.stages import init_student
+    return init_student.run
+
+
+def _train() -> StageRun:
+    from distilbert_cli.stages import train
+    return train.run
+
+
+def _finetune() -> StageRun:
+    from distilbert_cli.stages import finetune
+    return finetune.run
+
+
+def _evaluate() -> StageRun:
+    from distilbert_cli.stages import evaluate
+    return evaluate.run
+
+
+def _bench_cpu() -> StageRun:
+    from distilbert_cli.stages import bench_cpu
+    return bench_cpu.run
+
+
+def _report() -> StageRun:
+    from distilbert_cli.stages import report
+    return report.run
+
+
 COMMANDS = (
-    StageCommand("prepare-data", "prepare_data", prepare_data.run,
+    StageCommand("prepare-data", "prepare_data", _prepare_data,
                  "Tokenize a corpus into the training set, with token counts for masking.",
                  "reads: a corpus (data=...); writes: <run_dir>/prepare-data/"),
-    StageCommand("init-student", "init_student", init_student.run,
+    StageCommand("init-student", "init_student", _init_student,
                  "Build the student from the teacher (layer selection, embeddings, MLM head).",
                  "reads: teacher.name_or_path; writes: <run_dir>/init-student/model/"),
-    StageCommand("train", "train", train.run,
+    StageCommand("train", "train", _train,
                  "Distill the teacher into the student (the DistilBERT triple loss). Alias: distill.",
                  "reads: prepare-data/, init-student/; writes: <run_dir>/distill/final/", aliases=("distill",)),
-    StageCommand("finetune", "finetune", finetune.run,
+    StageCommand("finetune", "finetune", _finetune,
                  "Fine-tune the student (or teacher) on downstream tasks (GLUE), several seeds.",
                  "reads: distill/final/ (or any model); writes: <run_dir>/finetune/"),
-    StageCommand("evaluate", "evaluate", evaluate.run,
+    StageCommand("evaluate", "evaluate", _evaluate,
                  "Score fine-tuned models on dev and write the paper's tables (Table 1). Alias: eval-glue.",
                  "reads: finetune/; writes: <run_dir>/evaluate/results.md", aliases=("eval-glue",)),
-    StageCommand("bench-cpu", "bench_cpu", bench_cpu.run,
+    StageCommand("bench-cpu", "bench_cpu", _bench_cpu,
                  "Time teacher and student inference on CPU (the paper's Table 3).",
                  "reads: teacher and distill/final/; writes: <run_dir>/bench-cpu/results.md"),
-    StageCommand("report", "report", report.run,
+    StageCommand("report", "report", _report,
                  "Write the run's report: loss curves, validation MLM, downstream and CPU tables vs baselines.",
                  "reads: the run's stages and report.baselines; writes: <run_dir>/report/report.md"),
 )
@@ -96,8 +131,10 @@ def _make_command(spec: StageCommand):
             if show_cfg:
                 typer.echo(to_yaml(cfg), nl=False)
                 return
+            from distilbert_cli.logs import setup_console_logging
+
             setup_console_logging()
-            spec.run(cfg, overrides)
+            spec.stage()(cfg, overrides)
         except UsageError as exc:
             raise fail(str(exc)) from None
         except MissingMandatoryValue as exc:

@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from distilbert_cli.errors import UsageError
-from distilbert_cli.schema import problems
 
 # Config groups whose options are run-level presets rather than a command's own settings.
 PRESET_GROUPS = ("experiment", "debug")
@@ -79,6 +78,8 @@ def compose_config(command_config: str, overrides: Sequence[str] = (), validate:
     except (HydraException, OmegaConfBaseException) as exc:
         raise UsageError(one_line(exc)) from exc
     if validate:
+        from distilbert_cli.schema import problems  # imports torch (the loss registry): not for --help or --cfg
+
         require_complete_config(cfg)
         if found := problems(command_config, OmegaConf.to_container(cfg, resolve=True)):
             raise UsageError("; ".join(found))
