@@ -107,8 +107,8 @@ class PrepareData(Common):
 # ---- init-student -------------------------------------------------------------------------------------
 
 class Student(Group):
-    arch: Literal["distilbert", "same_arch"]
-    num_layers: PositiveInt
+    arch: Literal["auto", "distilbert", "same_arch"]  # auto: DistilBERT for a BERT teacher, else its own class
+    num_layers: PositiveInt | None  # null: half the teacher's
     hidden_size: PositiveInt | None  # null: the teacher's
     num_attention_heads: PositiveInt | None
     intermediate_size: PositiveInt | None

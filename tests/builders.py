@@ -66,20 +66,139 @@ def build_tiny_distilbert(directory: Path, tokenizer_dir: Path, num_layers: int)
 
 def build_tiny_roberta(directory: Path, num_layers: int = 4, hidden_size: int = 32) -> Path:
     """A random tiny RobertaForMaskedLM with a byte-level BPE tokenizer (one token per byte, no merges)."""
-    import torch
-    from tokenizers.pre_tokenizers import ByteLevel
     from transformers import RobertaConfig, RobertaForMaskedLM, RobertaTokenizer
 
-    vocab = {token: index for index, token in
-             enumerate(["<s>", "<pad>", "</s>", "<unk>", *sorted(ByteLevel.alphabet()), "<mask>"])}
+    vocab = _byte_vocab(["<s>", "<pad>", "</s>", "<unk>"], ["<mask>"])
     tokenizer = RobertaTokenizer(vocab=vocab, merges=[], model_max_length=96)
     config = RobertaConfig(vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=num_layers,
                            num_attention_heads=2, intermediate_size=2 * hidden_size, max_position_embeddings=98,
                            type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
-    torch.manual_seed(1)
-    RobertaForMaskedLM(config).save_pretrained(directory)
+    return _save(directory, RobertaForMaskedLM, config, tokenizer, seed=1)
+
+
+def _byte_vocab(specials: list[str], last: list[str]) -> dict[str, int]:
+    """Byte-level BPE tokens: one per byte (no merges) between special tokens."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    return {token: index for index, token in enumerate([*specials, *sorted(ByteLevel.alphabet()), *last])}
+
+
+def _unigram_vocab(specials: list[str]) -> list[tuple[str, float]]:
+    """SentencePiece-style pieces after `specials`: each tiny-vocabulary word and character as a word start
+    ("▁the") and each character inside a word, the shorter pieces less likely."""
+    tokens = [token for token in tiny_vocab()[5:] if not token.startswith("##")]
+    pieces = ["▁", *(f"▁{token}" for token in tokens), *(t for t in tokens if len(t) == 1)]
+    return [(token, 0.0) for token in specials] + [(piece, -1.0 - 4.0 / len(piece)) for piece in pieces]
+
+
+def _save(directory: Path, model_class, config, tokenizer, seed: int = 0) -> Path:
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model_class(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def _small(hidden_size: int = 32) -> dict:
+    return {"hidden_size": hidden_size, "num_attention_heads": 2, "intermediate_size": 2 * hidden_size}
+
+
+def _wordpiece(tokenizer_class):
+    return tokenizer_class(vocab={token: index for index, token in enumerate(tiny_vocab())}, do_lower_case=True,
+                           model_max_length=128)
+
+
+def build_tiny_xlm_roberta(directory: Path, num_layers: int = 4, camembert: bool = False) -> Path:
+    """XLM-R (or CamemBERT): RoBERTa's layout with a SentencePiece-style Unigram tokenizer."""
+    from transformers import (
+        CamembertConfig,
+        CamembertForMaskedLM,
+        CamembertTokenizer,
+        XLMRobertaConfig,
+        XLMRobertaForMaskedLM,
+        XLMRobertaTokenizer,
+    )
+
+    config_class, model_class, tokenizer_class = ((CamembertConfig, CamembertForMaskedLM, CamembertTokenizer)
+                                                  if camembert else
+                                                  (XLMRobertaConfig, XLMRobertaForMaskedLM, XLMRobertaTokenizer))
+    vocab = _unigram_vocab(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tokenizer = tokenizer_class(vocab=vocab, model_max_length=128)
+    config = config_class(vocab_size=len(vocab), num_hidden_layers=num_layers, max_position_embeddings=130,
+                          type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, **_small())
+    return _save(directory, model_class, config, tokenizer)
+
+
+def build_tiny_electra(directory: Path, num_layers: int = 4, discriminator: bool = False) -> Path:
+    """An ELECTRA generator (ElectraForMaskedLM) or discriminator (ElectraForPreTraining, no MLM head), with
+    16-wide embeddings projected to the 32-wide layers."""
+    from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining, ElectraTokenizer
+
+    config = ElectraConfig(vocab_size=len(tiny_vocab()), embedding_size=16, num_hidden_layers=num_layers,
+                           max_position_embeddings=128, **_small())
+    return _save(directory, ElectraForPreTraining if discriminator else ElectraForMaskedLM, config,
+                 _wordpiece(ElectraTokenizer))
+
+
+def build_tiny_deberta_v2(directory: Path, num_layers: int = 4, legacy: bool = False) -> Path:
+    """DeBERTa-v3's layout: relative positions in buckets, no absolute positions, no token types, Unigram."""
+    from transformers import DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Tokenizer
+
+    vocab = _unigram_vocab(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"])
+    tokenizer = DebertaV2Tokenizer(vocab=vocab, model_max_length=128)
+    config = DebertaV2Config(vocab_size=len(vocab), num_hidden_layers=num_layers, max_position_embeddings=128,
+                             relative_attention=True, position_buckets=16, max_relative_positions=-1,
+                             pos_att_type=["p2c", "c2p"], position_biased_input=False, norm_rel_ebd="layer_norm",
+                             share_att_key=True, type_vocab_size=0, legacy=legacy, pad_token_id=0, **_small())
+    return _save(directory, DebertaV2ForMaskedLM, config, tokenizer)
+
+
+def build_tiny_modernbert(directory: Path, num_layers: int = 4) -> Path:
+    """ModernBERT: global attention in layers 0 and 3, an 8-token sliding window in layers 1 and 2, rotary
+    positions; a byte-level BPE tokenizer with BERT's special tokens, as the released one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import ModernBertConfig, ModernBertForMaskedLM, PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = _byte_vocab(specials, ["[MASK]"])
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                        model_max_length=128)
+    config = ModernBertConfig(vocab_size=len(vocab), num_hidden_layers=num_layers, max_position_embeddings=128,
+                              global_attn_every_n_layers=3, local_attention=8, pad_token_id=0, bos_token_id=2,
+                              eos_token_id=3, cls_token_id=2, sep_token_id=3, **_small())
+    return _save(directory, ModernBertForMaskedLM, config, tokenizer)
+
+
+def build_tiny_distilbert_teacher(directory: Path, num_layers: int = 4) -> Path:
+    """A DistilBertForMaskedLM as a teacher, with its own (token-type-free) tokenizer."""
+    from transformers import DistilBertConfig, DistilBertForMaskedLM, DistilBertTokenizer
+
+    config = DistilBertConfig(vocab_size=len(tiny_vocab()), dim=32, hidden_dim=64, n_layers=num_layers, n_heads=2,
+                              max_position_embeddings=128)
+    return _save(directory, DistilBertForMaskedLM, config, _wordpiece(DistilBertTokenizer))
+
+
+# One tiny teacher per family (and variant), built in code: name -> builder(directory, num_layers).
+TINY_TEACHERS = {
+    "bert": build_tiny_bert,
+    "roberta": build_tiny_roberta,
+    "xlm-roberta": build_tiny_xlm_roberta,
+    "camembert": lambda directory, num_layers=4: build_tiny_xlm_roberta(directory, num_layers, camembert=True),
+    "electra": build_tiny_electra,
+    "electra-discriminator": lambda directory, num_layers=4: build_tiny_electra(directory, num_layers, True),
+    "deberta-v2": build_tiny_deberta_v2,
+    "deberta-v2-legacy-head": lambda directory, num_layers=4: build_tiny_deberta_v2(directory, num_layers, True),
+    "modernbert": build_tiny_modernbert,
+    "distilbert": build_tiny_distilbert_teacher,
+}
 
 
 def write_corpus(path: Path, n_lines: int = 60) -> Path:

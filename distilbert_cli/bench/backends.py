@@ -113,16 +113,18 @@ def export_onnx(checkpoint: Path, input_names: Sequence[str], sample: dict[str, 
     return path
 
 
-def _onnx_backend(path: Path, input_names: Sequence[str], threads: int, artifact: str) -> Backend:
+def _onnx_backend(path: Path, threads: int, artifact: str) -> Backend:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # The exporter drops an input the graph never reads (DeBERTa-v3's token_type_ids: it has no token types).
+    graph_inputs = [graph_input.name for graph_input in session.get_inputs()]
 
     def prepare(batch):
-        return {name: batch[name] for name in input_names}
+        return {name: batch[name] for name in graph_inputs}
 
     def predict(inputs):
         return session.run(["logits"], inputs)[0]
@@ -149,11 +151,11 @@ def build_backend(name: str, checkpoint: Path, input_names: Sequence[str], sampl
         return _torch_backend(model, path.stat().st_size, "torch state_dict, int8 Linear weights")
     fp32_path = export_onnx(checkpoint, input_names, sample, workdir / "onnx" / "model.onnx", trust)
     if name == "onnx":
-        return _onnx_backend(fp32_path, input_names, threads, "ONNX fp32")
+        return _onnx_backend(fp32_path, threads, "ONNX fp32")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     int8_path = workdir / "onnx" / "model.int8.onnx"
     quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8)
-    return _onnx_backend(int8_path, input_names, threads, "ONNX, int8 MatMul weights")
+    return _onnx_backend(int8_path, threads, "ONNX, int8 MatMul weights")
 
 

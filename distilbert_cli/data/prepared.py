@@ -19,6 +19,7 @@ from distilbert_cli.data.tokenize import (
     KEEP,
     MOSTLY_UNKNOWN,
     TOO_SHORT,
+    DocumentEncoder,
     tokenize_corpus,
     train_token_counts,
 )
@@ -60,7 +61,7 @@ def _split(kept: np.ndarray, cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _stats(cfg: DictConfig, documents: int, bad: BadLines, drop: np.ndarray, lengths: np.ndarray,
-           splits: dict[str, np.ndarray], phases: dict[str, float], num_proc: int) -> dict:
+           splits: dict[str, np.ndarray], phases: dict[str, float], num_proc: int, encoder: DocumentEncoder) -> dict:
     tokens = {name: int(lengths[rows].sum()) for name, rows in splits.items()}
     kept = drop == KEEP
     prepare = cfg.prepare
@@ -86,6 +87,7 @@ def _stats(cfg: DictConfig, documents: int, bad: BadLines, drop: np.ndarray, len
         "phase_seconds": {name: round(value, 3) for name, value in phases.items()},
         "tokens_per_second": round(sum(tokens.values()) / seconds, 1),
         "num_proc": num_proc,
+        "word_memo": {"used": encoder.memoize, "note": encoder.memo_note},
     }
 
 
@@ -106,7 +108,9 @@ def build_prepared(cfg: DictConfig, tokenizer, files: list[Path], out: PreparedD
     log.info("read %d documents in %.2f s", documents, phases["read"])
 
     num_proc = cfg.prepare.num_proc or usable_cpus()
-    tokenized = tokenize_corpus(corpus, tokenizer, cfg, work_dir, num_proc)
+    encoder = DocumentEncoder(tokenizer)
+    log.info("tokenizing %s", encoder.memo_note)
+    tokenized = tokenize_corpus(corpus, tokenizer, encoder, cfg, work_dir, num_proc)
     drop = tokenized.data.column("drop").to_numpy()
     lengths = tokenized.data.column("length").to_numpy().astype(np.int64)
     kept = np.flatnonzero(drop == KEEP)
@@ -120,5 +124,6 @@ def build_prepared(cfg: DictConfig, tokenizer, files: list[Path], out: PreparedD
     DatasetDict(train=sequences.select(train), validation=sequences.select(validation)).save_to_disk(str(out.dataset))
     np.save(out.token_counts, train_token_counts(out.dataset, len(tokenizer)))
     phases["write"] = time.perf_counter() - clock
-    return _stats(cfg, documents, bad, drop, lengths, {"train": train, "validation": validation}, phases, num_proc)
+    return _stats(cfg, documents, bad, drop, lengths, {"train": train, "validation": validation}, phases, num_proc,
+                  encoder)
 

@@ -4,6 +4,8 @@ multi-process `datasets.map` over memory-mapped Arrow data."""
 
 from __future__ import annotations
 
+import json
+import re
 from itertools import chain, islice
 from pathlib import Path
 
@@ -23,6 +25,11 @@ def ragged_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(starts.astype(np.int64) - before, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
 
 
+def _character_class(chars: list[str]) -> str:
+    """An RE2 character class of `chars`."""
+    return "[" + "".join(f"\\x{{{ord(char):x}}}" for char in chars) + "]"
+
+
 def _flatten(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     return np.fromiter(chain.from_iterable(encoded), dtype=np.int32, count=int(lengths.sum())), lengths
@@ -40,27 +47,72 @@ class _Slots(dict):
         return -1
 
 
+# Tokenizer parts (their `type` in tokenizer.json) that work within a whitespace-separated word, so that a
+# document's ids can be the concatenation of its words' ids. Replace, Metaspace and Sequence are checked further.
+_WORD_NORMALIZERS = {"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents", "Precompiled",
+                     "Strip", "Replace", "Sequence"}
+_WORD_PRE_TOKENIZERS = {"BertPreTokenizer", "WhitespaceSplit", "Whitespace", "Punctuation", "Digits",
+                        "UnicodeScripts", "Metaspace", "Sequence"}
+_WORD_MODELS = {"WordPiece", "Unigram", "BPE", "WordLevel"}
+_KNOWN_CROSS_WORD = {"ByteLevel": "byte-level BPE attaches each space to the word after it"}
+# A regex of whitespace only (such as " {2,}" or "\\s{2,}|[\\n\\r\\t]"): a Replace of whitespace by whitespace.
+_WHITESPACE_REGEX = re.compile(r"(?:\\[srnt]|\s|[][|+*?()]|\{\d*,?\d*\})+")
+
+
+def _cross_word_part(spec: dict | None, allowed: set[str], kind: str) -> str | None:
+    """The first part of a normalizer or pre-tokenizer spec that could make a word's ids depend on the text around
+    it, as a short description, or None when every part works within a word."""
+    if spec is None:
+        return None
+    if spec["type"] not in allowed:
+        return _KNOWN_CROSS_WORD.get(spec["type"], f"the {kind} {spec['type']} is not known to work word by word")
+    if spec["type"] == "Sequence":
+        parts = spec.get("normalizers") or spec.get("pretokenizers") or []
+        return next(filter(None, (_cross_word_part(part, allowed, kind) for part in parts)), None)
+    if spec["type"] == "Replace":
+        pattern, content = next(iter(spec["pattern"].values())), spec["content"]
+        in_word = "String" in spec["pattern"] and not any(c.isspace() for c in pattern + content)
+        spaces = _WHITESPACE_REGEX.fullmatch(pattern) is not None and content.isspace()
+        return None if in_word or spaces else f"the {kind} Replace({pattern!r}, {content!r}) may work across words"
+    if spec["type"] == "Metaspace" and (spec.get("prepend_scheme", "always") != "always"
+                                        or not spec.get("split", True)):
+        return f"the {kind} Metaspace marks only the first word"
+    return None
+
+
+def _probe_texts(tokenizer) -> list[str]:
+    """Short texts on which word-by-word and whole-document ids must agree: every pair of whitespace characters
+    between two words, whitespace at both ends, and mixed text with the tokenizer's special tokens."""
+    chars = [*SPLIT_CHARACTERS, "x"]
+    specials = " ".join(f"a{token}b {token}" for token in tokenizer.all_special_tokens)
+    return ([f"a{first}{second}b" for first in chars for second in chars] + [f"{c}a b{c}" for c in chars]
+            + ["Hello, World! It's 3.14 km\u00b2 \u2014 na\u00efve caf\u00e9 \u6771\u4eac \U0001f600 e\u0301 \ufb01 "
+               "\u00df \u0130 (x) [y] x-y", specials])
+
+
 class DocumentEncoder:
     """The teacher's fast tokenizer, memoized word by word where that provably changes nothing.
 
     `encoder(texts)` takes a batch of documents (an Arrow string array) and gives every document's token ids
     concatenated (int32) and the number of tokens of each.
 
-    BERT's normalizer and pre-tokenizer never join text across whitespace, so a document's ids are the
-    concatenation of the ids of its whitespace-separated words. Natural text repeats its words (Zipf), so
+    When the tokenizer's normalizer, pre-tokenizer and model all work within whitespace-separated words
+    (WordPiece as in BERT, SentencePiece-style Unigram with a Metaspace that marks every word, as in XLM-R), a
+    document's ids are the concatenation of the ids of its words. Natural text repeats its words (Zipf), so
     splitting and deduplicating words in Arrow, looking each distinct word up once in a bounded memo and
     gathering ids with NumPy is several times faster than running the Rust pipeline (normalize with alignments,
-    pre-tokenize, WordPiece, build an Encoding) on every occurrence. The memo is used only for BertNormalizer +
-    BertPreTokenizer + WordPiece tokenizers, after probing that the tokenizer splits on each of
-    SPLIT_CHARACTERS or deletes it (BERT deletes control characters such as \\v and \\x1c, so those are deleted
-    before splitting). Any other tokenizer tokenizes whole documents.
+    pre-tokenize, the model, build an Encoding) on every occurrence. A start-up probe finds what the tokenizer does
+    with each of SPLIT_CHARACTERS between two words (splits there, deletes it as BERT deletes \\v and \\x1c, or
+    keeps it inside the word), and the memo is used only if it then gives the tokenizer's own ids on every probe
+    text (`_probe_texts`). Any other tokenizer (byte-level BPE, which attaches each space to the next word)
+    tokenizes whole documents. `memo_note` says which, and why.
     """
 
     MEMO_WORDS = 1 << 19  # per process; once full, new words are tokenized for their batch only
     WORDS_PER_ENCODING = 1024
 
     def __init__(self, tokenizer):
-        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+        from tokenizers import Tokenizer
 
         # The Rust tokenizer itself, without the per-call Python of `tokenizer(...)` and with the settings that
         # call would apply: no truncation, no padding, the same treatment of special tokens written in the text.
@@ -69,21 +121,52 @@ class DocumentEncoder:
         self.backend.no_padding()
         self.backend.encode_special_tokens = bool(tokenizer.split_special_tokens)
         self.memoize = False
-        spaced_added_token = any(char.isspace() for token in tokenizer.added_tokens_decoder.values()
-                                 for char in token.content)
-        if (isinstance(self.backend.normalizer, normalizers.BertNormalizer)
-                and isinstance(self.backend.pre_tokenizer, pre_tokenizers.BertPreTokenizer)
-                and isinstance(self.backend.model, models.WordPiece) and not spaced_added_token):
-            split, joined = self.encode_whole(["a b", "ab"])
-            probes = self.encode_whole([f"a{space}b" for space in SPLIT_CHARACTERS])
-            self.memoize = all(ids in (split, joined) for ids in probes)
-            deleted = [space for space, ids in zip(SPLIT_CHARACTERS, probes, strict=True) if ids == joined]
-            # An RE2 character class for `pyarrow.compute.replace_substring_regex`.
-            self.deleted_pattern = "[" + "".join(f"\\x{{{ord(char):x}}}" for char in deleted) + "]" if deleted else None
-            self.slots = _Slots()  # word -> its slot in the arrays below, which grow as needed
-            self.slot_start = np.zeros(0, dtype=np.int64)
-            self.slot_length = np.zeros(0, dtype=np.int64)
-            self.store = np.zeros(0, dtype=np.int32)  # the ids of every memoized word, back to back
+        spec = json.loads(self.backend.to_str())
+        blocker = (_cross_word_part(spec["normalizer"], _WORD_NORMALIZERS, "normalizer")
+                   or _cross_word_part(spec["pre_tokenizer"], _WORD_PRE_TOKENIZERS, "pre-tokenizer"))
+        if spec["model"]["type"] not in _WORD_MODELS:
+            blocker = f"the model {spec['model']['type']} is not known to work word by word"
+        if spec["pre_tokenizer"] is None:
+            blocker = "there is no pre-tokenizer (the model sees whole documents)"
+        if any(char.isspace() for token in tokenizer.added_tokens_decoder.values() for char in token.content):
+            blocker = "an added token contains whitespace"
+        blocker = blocker or self._probe(tokenizer)
+        self.memoize = blocker is None
+        self.memo_note = ("word by word: the start-up probe gave the tokenizer's own ids" if self.memoize
+                          else f"whole documents: {blocker}")
+
+    def _probe(self, tokenizer) -> str | None:
+        """Set up the memo from what the tokenizer does with each whitespace character; None if the memo then
+        encodes every probe text exactly as the tokenizer does, else what differs."""
+        split, joined = self.encode_whole(["a b", "ab"])
+        if split == joined:
+            return "the probe cannot tell a split from a join with this vocabulary"
+        probes = self.encode_whole([f"a{space}b" for space in SPLIT_CHARACTERS])
+        deleted = [space for space, ids in zip(SPLIT_CHARACTERS, probes, strict=True) if ids == joined]
+        splitting = [space for space, ids in zip(SPLIT_CHARACTERS, probes, strict=True) if ids == split]
+        # RE2 character classes for `pyarrow.compute`: deleted before splitting; split on only where the tokenizer
+        # splits (Arrow's own whitespace split when that is everywhere it does not delete).
+        self.deleted_pattern = _character_class(deleted) if deleted else None
+        self.split_pattern = (None if len(deleted) + len(splitting) == len(SPLIT_CHARACTERS)
+                              else _character_class(splitting) + "+")
+        self._empty_memo()
+        self.memoize = True
+        texts = _probe_texts(tokenizer)
+        expected = self.encode_whole(texts)
+        flat, lengths = self(pa.array(texts))
+        self.memoize = False
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        for text, ids, start, stop in zip(texts, expected, bounds[:-1], bounds[1:], strict=True):
+            if flat[start:stop].tolist() != ids:
+                return f"the probe text {text!r} tokenizes differently word by word"
+        self._empty_memo()  # the probe's words are not worth their slots
+        return None
+
+    def _empty_memo(self) -> None:
+        self.slots = _Slots()  # word -> its slot in the arrays below, which grow as needed
+        self.slot_start = np.zeros(0, dtype=np.int64)
+        self.slot_length = np.zeros(0, dtype=np.int64)
+        self.store = np.zeros(0, dtype=np.int32)  # the ids of every memoized word, back to back
 
     def encode_whole(self, texts: list[str]) -> list[list[int]]:
         return [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
@@ -107,7 +190,8 @@ class DocumentEncoder:
             return _flatten(self.encode_whole(texts.to_pylist()))
         if self.deleted_pattern is not None:
             texts = pc.replace_substring_regex(texts, self.deleted_pattern, "")
-        words_of_docs = pc.utf8_split_whitespace(texts)
+        words_of_docs = (pc.utf8_split_whitespace(texts) if self.split_pattern is None
+                         else pc.split_pattern_regex(texts, self.split_pattern))
         words = pc.dictionary_encode(pc.list_flatten(words_of_docs))
         distinct = words.dictionary.to_pylist()
         distinct_slots = np.fromiter(map(self.slots.__getitem__, distinct), dtype=np.int64, count=len(distinct))
@@ -226,13 +310,13 @@ def train_token_counts(dataset_dir: Path, vocab_size: int) -> np.ndarray:
 
 
 
-def tokenize_corpus(corpus, tokenizer, cfg: DictConfig, work_dir: Path, num_proc: int):
+def tokenize_corpus(corpus, tokenizer, encoder: DocumentEncoder, cfg: DictConfig, work_dir: Path, num_proc: int):
     """Rows of (input_ids, length, drop) for the whole corpus, written by `num_proc` processes into `work_dir`."""
     prepare = cfg.prepare
     return corpus.with_format("arrow").map(
         tokenize_documents, batched=True, batch_size=prepare.batch_size, input_columns="text",
         remove_columns=corpus.column_names, features=_row_features(),
-        fn_kwargs={"encoder": DocumentEncoder(tokenizer), "cls_id": tokenizer.cls_token_id,
+        fn_kwargs={"encoder": encoder, "cls_id": tokenizer.cls_token_id,
                    "sep_id": tokenizer.sep_token_id, "unk_id": tokenizer.unk_token_id,
                    "max_seq_length": prepare.max_seq_length, "min_seq_length": prepare.min_seq_length,
                    "max_unk_fraction": prepare.max_unk_fraction, "pack": prepare.pack},

@@ -26,6 +26,8 @@ def _load(loader, name_or_path: str, role: str, **kwargs):
                       else name_or_path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "custom code" in first_line and not kwargs.get("trust_remote_code"):
+            first_line = "it ships its own model code, which runs only with trust_remote_code=true"
         raise UsageError(f"cannot load {role} from {name_or_path!r}: {first_line}") from exc
 
 
@@ -49,13 +51,18 @@ def load_config(name_or_path: str, trust_remote_code: bool = False, role: str = 
 def load_model(auto_class, name_or_path: str, trust_remote_code: bool = False, role: str = "model", **kwargs):
     """`auto_class.from_pretrained` (e.g. AutoModelForMaskedLM) with missing or foreign checkpoints as UsageErrors.
 
-    transformers' key-by-key load report (and its "checkpoint seem corrupted" warning for a head the checkpoint
+    `attn_implementation="sdpa"` means SDPA where the architecture has it, eager elsewhere. transformers' key-by-key
+    load report (and its "checkpoint seem corrupted" warning for a head the checkpoint
     never had) becomes one line naming the modules left unused and those initialised fresh: both are expected
     here (an MLM checkpoint loaded as a classifier, a plain encoder given an MLM head).
     """
     from transformers.utils import logging as hf_logging
 
     return_info = kwargs.pop("output_loading_info", False)
+    if kwargs.get("attn_implementation") == "sdpa":
+        # transformers' default: SDPA, falling back to eager for architectures without it (DeBERTa), which an
+        # explicit "sdpa" would refuse.
+        kwargs["attn_implementation"] = None
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:

@@ -1,9 +1,10 @@
 """Building a student from a teacher: which teacher layers it starts from, its config, and the weight copy.
 
 Student kinds (`student.arch`): `distilbert` (DistilBERT classes: no token-type embeddings, no pooler; the
-paper's student, from a family with a DistilBERT name map) and `same_arch` (the teacher's own class with fewer
-layers). Adding a kind = an entry in STUDENT_ARCHS (its config builder) and, if its parameter names differ
-from the teacher's, a name map in the family table.
+paper's student, from a family with a DistilBERT name map), `same_arch` (the teacher's own class with fewer
+layers) and `auto` (the family's `auto_student`: DistilBERT for BERT, the teacher's own class otherwise). The
+default depth is half the teacher's (`default_num_layers`). Adding a kind = an entry in STUDENT_ARCHS (its config
+builder) and, if its parameter names differ from the teacher's, a name map in the family table.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from distilbert_cli.errors import UsageError
-from distilbert_cli.models.families import DISTILBERT, Family, family_of
+from distilbert_cli.models.families import DISTILBERT, Family, family_of, family_of_model
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +66,53 @@ def uniform_layers(n_teacher: int, n_student: int) -> list[int]:
     return [(i + 1) * n_teacher // n_student - 1 for i in range(n_student)]
 
 
-def _same_arch_config(teacher_config, family: Family, num_layers: int, hidden: int, heads: int, intermediate: int):
+def default_num_layers(n_teacher: int) -> int:
+    """`student.num_layers: null`: half the teacher's layers, rounded down (the paper's 12 -> 6), at least 1."""
+    return max(1, n_teacher // 2)
+
+
+def resolve_arch(arch: str, family: Family) -> str:
+    """The student kind `student.arch` names; `auto` is the family's (DistilBERT for BERT, else its own class)."""
+    if arch == "auto":
+        return family.auto_student
+    if arch not in STUDENT_ARCHS:
+        raise UsageError(f"unknown student.arch {arch!r} (choose from auto, {', '.join(STUDENT_ARCHS)})")
+    return arch
+
+
+def widths(config, family: Family) -> dict[str, int]:
+    """A config's width settings under their common names (WIDTH_KEYS)."""
+    return {"hidden_size": config.hidden_size, "num_attention_heads": config.num_attention_heads,
+            "intermediate_size": getattr(config, family.intermediate_size)}
+
+
+def _same_arch_config(teacher_config, family: Family, layer_map: Sequence[int | None], hidden: int, heads: int,
+                      intermediate: int):
     config = copy.deepcopy(teacher_config)
-    config.num_hidden_layers, config.hidden_size = num_layers, hidden
-    config.num_attention_heads, config.intermediate_size = heads, intermediate
+    config.num_hidden_layers, config.hidden_size, config.num_attention_heads = len(layer_map), hidden, heads
+    setattr(config, family.intermediate_size, intermediate)
+    for key in family.per_layer_config:
+        # A copied layer keeps its teacher layer's setting; a random one takes the pattern at its own depth.
+        per_layer = getattr(teacher_config, key)
+        setattr(config, key, [per_layer[i if teacher is None else teacher] for i, teacher in enumerate(layer_map)])
     return config
 
 
-def _distilbert_config(teacher_config, family: Family, num_layers: int, hidden: int, heads: int, intermediate: int):
+def _distilbert_config(teacher_config, family: Family, layer_map: Sequence[int | None], hidden: int, heads: int,
+                       intermediate: int):
     from transformers import DistilBertConfig
 
+    if family is DISTILBERT:
+        return _same_arch_config(teacher_config, family, layer_map, hidden, heads, intermediate)
     if not family.distilbert_names:
-        raise UsageError(f"student=distilbert needs a BERT teacher, not {teacher_config.model_type!r}: use "
-                         f"student=same_arch for a {teacher_config.model_type} student with fewer layers")
+        raise UsageError(f"student=distilbert needs a BERT or DistilBERT teacher, not {teacher_config.model_type!r}: "
+                         f"use student=auto (or same_arch) for a {teacher_config.model_type} student with fewer layers")
     if teacher_config.layer_norm_eps != DISTILBERT_LAYER_NORM_EPS:
         log.warning("the teacher's LayerNorm epsilon is %g; DistilBERT's is fixed at %g",
                     teacher_config.layer_norm_eps, DISTILBERT_LAYER_NORM_EPS)
     return DistilBertConfig(
         vocab_size=teacher_config.vocab_size, max_position_embeddings=teacher_config.max_position_embeddings,
-        sinusoidal_pos_embds=False, n_layers=num_layers, n_heads=heads, dim=hidden, hidden_dim=intermediate,
+        sinusoidal_pos_embds=False, n_layers=len(layer_map), n_heads=heads, dim=hidden, hidden_dim=intermediate,
         dropout=teacher_config.hidden_dropout_prob, attention_dropout=teacher_config.attention_probs_dropout_prob,
         activation=teacher_config.hidden_act, initializer_range=teacher_config.initializer_range,
         pad_token_id=teacher_config.pad_token_id, tie_word_embeddings=teacher_config.tie_word_embeddings,
@@ -93,22 +122,23 @@ def _distilbert_config(teacher_config, family: Family, num_layers: int, hidden: 
 STUDENT_ARCHS: dict[str, Callable] = {"distilbert": _distilbert_config, "same_arch": _same_arch_config}
 
 
-def student_config(teacher_config, arch: str, num_layers: int, hidden_size: int | None = None,
+def student_config(teacher_config, arch: str, layer_map: Sequence[int | None], hidden_size: int | None = None,
                    num_attention_heads: int | None = None, intermediate_size: int | None = None):
-    """The student's transformers config: DistilBERT (`distilbert`) or the teacher's own (`same_arch`) class.
+    """The student's transformers config: `arch` (auto, distilbert or same_arch) with one layer per entry of
+    `layer_map` (the teacher layer it starts from, None: random).
 
     Width arguments left None keep the teacher's; a None intermediate size scales with the hidden size.
     """
-    if arch not in STUDENT_ARCHS:
-        raise UsageError(f"unknown student.arch {arch!r} (choose from {', '.join(STUDENT_ARCHS)})")
-    hidden = hidden_size or teacher_config.hidden_size
-    heads = num_attention_heads or teacher_config.num_attention_heads
-    intermediate = intermediate_size or teacher_config.intermediate_size * hidden // teacher_config.hidden_size
+    family = family_of(teacher_config, role="the teacher")
+    arch = resolve_arch(arch, family)
+    teacher = widths(teacher_config, family)
+    hidden = hidden_size or teacher["hidden_size"]
+    heads = num_attention_heads or teacher["num_attention_heads"]
+    intermediate = intermediate_size or teacher["intermediate_size"] * hidden // teacher["hidden_size"]
     if hidden % heads:
         raise UsageError(f"the student's hidden size {hidden} is not divisible by its {heads} attention heads "
                          f"(set student.num_attention_heads)")
-    return STUDENT_ARCHS[arch](teacher_config, family_of(teacher_config, role="the teacher"), num_layers, hidden,
-                               heads, intermediate)
+    return STUDENT_ARCHS[arch](teacher_config, family, layer_map, hidden, heads, intermediate)
 
 
 def teacher_parameter(student_name: str, student: Family, teacher: Family, layer_map: Sequence[int]) -> str:
@@ -127,13 +157,16 @@ def init_student_weights(student: nn.Module, teacher: nn.Module, layer_map: Sequ
     """Copy embeddings, the teacher layers `layer_map` and the MLM head into `student`, in place.
 
     The head's decoder is copied when the teacher has a head, its transform also when `copy_mlm_head_transform`;
-    otherwise the student keeps its own fresh initialisation there. Returns whether token_type_embeddings[0]
-    was folded into the position embeddings and whether the head's transform was copied.
+    otherwise the student keeps its own fresh initialisation there. A student tensor without a teacher
+    counterpart, and a tensor of a copied teacher layer without a student counterpart (ModernBERT's first layer
+    has no attn_norm), are named in a warning. Returns whether token_type_embeddings[0] was folded into the
+    position embeddings and whether the head's transform was copied.
     """
-    student_family, teacher_family = family_of(student.config), family_of(teacher.config)
+    student_family, teacher_family = family_of_model(student, "student"), family_of_model(teacher, "teacher")
     copy_transform = teacher_has_mlm_head and copy_mlm_head_transform
     base = f"{student.base_model_prefix}."
     teacher_state = teacher.state_dict()
+    fresh, used = [], set()
     with torch.no_grad():
         for name, tensor in student.state_dict().items():
             source = teacher_parameter(name, student_family, teacher_family, layer_map)
@@ -141,13 +174,23 @@ def init_student_weights(student: nn.Module, teacher: nn.Module, layer_map: Sequ
                 copied = copy_transform if source.startswith(teacher_family.head_transform) else teacher_has_mlm_head
                 if not copied:
                     continue
+            if source not in teacher_state:
+                fresh.append(name)
+                continue
             tensor.copy_(teacher_state[source])
+            used.add(source)
         # A student without segment embeddings gets segment 0's row added to its positions.
         fold = (fold_token_type_embeddings and student_family.token_type_embeddings is None
                 and teacher_family.token_type_embeddings is not None)
         if fold:
             student.get_submodule(student_family.position_embeddings).weight += (
                 teacher.get_submodule(teacher_family.token_type_embeddings).weight[0])
+    pattern = teacher_family.layer_pattern()
+    dropped = [name for name in teacher_state if name not in used and (match := pattern.match(name))
+               and int(match.group(1)) in layer_map]
+    if fresh or dropped:
+        log.warning("the student's layers differ from the teacher's: kept fresh (nothing to copy): %s; not copied "
+                    "(no place in the student): %s", ", ".join(fresh) or "nothing", ", ".join(dropped) or "nothing")
     return fold, copy_transform
 
 

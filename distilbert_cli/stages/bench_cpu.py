@@ -38,6 +38,7 @@ from distilbert_cli.bench.render import (
 )
 from distilbert_cli.bench.workload import load_workload, timed_indices
 from distilbert_cli.errors import UsageError
+from distilbert_cli.models.families import max_sequence_length
 from distilbert_cli.models.loading import load_config, load_tokenizer
 from distilbert_cli.models.run_models import ModelChoice
 from distilbert_cli.models.run_models import resolve_models as resolve_run_models
@@ -52,9 +53,9 @@ def resolve_models(cfg: DictConfig) -> list[ModelChoice]:
     choices = resolve_run_models(cfg.run_dir, cfg.bench.models, "bench.models")
     for choice in choices:
         config = load_config(choice.source, cfg.trust_remote_code, role=f"model {choice.name}")
-        if cfg.bench.max_seq_length > config.max_position_embeddings:
-            raise UsageError(f"bench.max_seq_length={cfg.bench.max_seq_length} exceeds model {choice.name}'s "
-                             f"{config.max_position_embeddings} positions")
+        if cfg.bench.max_seq_length > (longest := max_sequence_length(config)):
+            raise UsageError(f"bench.max_seq_length={cfg.bench.max_seq_length} exceeds the {longest} tokens model "
+                             f"{choice.name} takes")
     return choices
 
 

@@ -1,9 +1,13 @@
 """`distil init-student`: build the student from the teacher (layer selection, embeddings, MLM head).
 
-    distil init-student run_dir=runs/exp1                                  # bert-base-uncased -> DistilBERT
+    distil init-student run_dir=runs/exp1                                  # bert-base-uncased -> 6-layer DistilBERT
     distil init-student init=explicit init.layers=[0,2,4,7,9,11]
-    distil init-student teacher=roberta_base student=same_arch             # a DistilRoBERTa-style student
+    distil init-student teacher=roberta_base                               # a DistilRoBERTa-style student
+    distil init-student teacher.name_or_path=microsoft/deberta-v3-base     # any family in models/families.py
     distil init-student init.strategy=random                               # the paper's ablation
+
+Defaults: half the teacher's layers (`student.num_layers: null`), DistilBERT classes for a BERT teacher and the
+teacher's own class for every other family (`student.arch: auto`).
 
 Writes `<run_dir>/init-student/model/` (safetensors weights, config, tokenizer), loadable with
 `AutoModelForMaskedLM.from_pretrained`, and records in the stage manifest the teacher, whether it has an
@@ -22,9 +26,18 @@ from omegaconf import DictConfig
 
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
-from distilbert_cli.models.families import TEACHER_FAMILIES, family_of
+from distilbert_cli.models.families import family_of
 from distilbert_cli.models.loading import count_parameters, load_config, load_masked_lm, load_tokenizer
-from distilbert_cli.models.student import WIDTH_KEYS, init_student_weights, input_names, select_layers, student_config
+from distilbert_cli.models.student import (
+    WIDTH_KEYS,
+    default_num_layers,
+    init_student_weights,
+    input_names,
+    resolve_arch,
+    select_layers,
+    student_config,
+    widths,
+)
 from distilbert_cli.rundir import open_stage
 
 log = logging.getLogger(__name__)
@@ -42,14 +55,17 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
 
     teacher_name, trust = cfg.teacher.name_or_path, cfg.trust_remote_code
     teacher_config = load_config(teacher_name, trust, role="teacher")
-    family_of(teacher_config, TEACHER_FAMILIES, role=f"teacher {teacher_name!r}")
-    layer_map = select_layers(cfg.init.strategy, teacher_config.num_hidden_layers, cfg.student.num_layers,
-                              cfg.init.layers)
-    config = student_config(teacher_config, cfg.student.arch, cfg.student.num_layers, cfg.student.hidden_size,
-                            cfg.student.num_attention_heads, cfg.student.intermediate_size)
+    family = family_of(teacher_config, role=f"teacher {teacher_name!r}")
+    arch = resolve_arch(cfg.student.arch, family)
+    n_teacher = teacher_config.num_hidden_layers
+    num_layers = default_num_layers(n_teacher) if cfg.student.num_layers is None else cfg.student.num_layers
+    layer_map = select_layers(cfg.init.strategy, n_teacher, num_layers, cfg.init.layers)
+    config = student_config(teacher_config, arch, layer_map, cfg.student.hidden_size, cfg.student.num_attention_heads,
+                            cfg.student.intermediate_size)
     copies_teacher = cfg.init.strategy != "random"
+    teacher_widths = widths(teacher_config, family)
     narrower = [f"student.{key}={cfg.student[key]}" for key in WIDTH_KEYS
-                if cfg.student[key] is not None and cfg.student[key] != getattr(teacher_config, key)]
+                if cfg.student[key] is not None and cfg.student[key] != teacher_widths[key]]
     if copies_teacher and narrower:
         raise UsageError(f"{' '.join(narrower)}: a student narrower than the teacher can only be built with "
                          f"init.strategy=random (the teacher's weights do not fit it)")
@@ -75,14 +91,14 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
 
         model_dir = artifacts.InitStudentOutputs(stage.path).model
         student.save_pretrained(model_dir)
-        if (names := input_names(cfg.student.arch)) is not None:
+        if (names := input_names(arch)) is not None:
             # save_pretrained writes the tokenizer's init kwargs, so the input names are recorded there too.
             tokenizer.model_input_names = names
             tokenizer.init_kwargs["model_input_names"] = list(names)
         tokenizer.save_pretrained(model_dir)
         stage.update(**artifacts.InitStudentFacts(
             teacher=teacher_reference(teacher_name), teacher_has_mlm_head=teacher_has_mlm_head, layer_map=layer_map,
-            strategy=cfg.init.strategy, student_arch=cfg.student.arch, student_class=type(student).__name__,
+            strategy=cfg.init.strategy, student_arch=arch, student_class=type(student).__name__,
             fold_token_type_embeddings=folded, copied_mlm_head_transform=copied_transform,
             param_counts=param_counts).as_manifest())
     return model_dir

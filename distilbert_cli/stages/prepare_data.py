@@ -10,11 +10,13 @@ Writes `<run_dir>/prepare-data/` (see distilbert_cli.artifacts.PreparedData):
   masking's frequency smoothing;
 - `tokenizer/`: the teacher's tokenizer, so later stages can check vocabulary compatibility;
 - `stats.json`: documents read, sequences and tokens written, what was dropped and why, a length histogram,
-  throughput and the bad-lines policy.
+  throughput, the bad-lines policy and whether the word memo was used (`word_memo`: used, and why).
 
 The corpus never sits in Python memory: local files are streamed into an Arrow file, hub datasets are Arrow
-already, and tokenization runs as a batched, multi-process `datasets.map` over memory-mapped data. BERT-style
-tokenizers are memoized word by word (`DocumentEncoder`), which gives the same ids several times faster.
+already, and tokenization runs as a batched, multi-process `datasets.map` over memory-mapped data. Tokenizers
+that work word by word (BERT's WordPiece, SentencePiece-style Unigram as in XLM-R) are memoized word by word
+where a start-up probe proves the same ids (`DocumentEncoder`), which is several times faster; byte-level BPE
+(RoBERTa, ModernBERT) tokenizes whole documents.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
             shutil.rmtree(work_dir, ignore_errors=True)
         tokenizer.save_pretrained(out.tokenizer)
         write_json_atomic(out.stats, stats)
-        stage.update(sequences=stats["sequences_written"], tokens=stats["tokens_written"])
+        stage.update(sequences=stats["sequences_written"], tokens=stats["tokens_written"],
+                     word_memo=stats["word_memo"]["used"])
         log.info("wrote %d train + %d validation sequences (%d tokens) from %d documents in %.1f s "
                  "(%.0f tokens/s); dropped: %s", stats["sequences_written"]["train"],
                  stats["sequences_written"]["validation"], stats["tokens_written"]["total"],

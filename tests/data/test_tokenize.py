@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pytest
-from builders import tiny_vocab
+from builders import TINY_TEACHERS, tiny_vocab
 from transformers import AutoTokenizer
 
 from distilbert_cli.data.tokenize import (
@@ -106,15 +106,29 @@ def test_word_memo_matches_bert_base_uncased_vocab():
     _assert_encodes_like(DocumentEncoder(tokenizer), tokenizer, _nasty_documents(3000, seed=1))
 
 
-def test_other_tokenizers_encode_whole_documents():
-    from tokenizers import Tokenizer, models, pre_tokenizers
+@pytest.mark.parametrize(("family", "memoized", "note"), [
+    ("xlm-roberta", True, "word by word"),  # SentencePiece-style Unigram: every word gets its own ▁ mark
+    ("distilbert", True, "word by word"),
+    ("roberta", False, "byte-level BPE attaches each space to the word after it"),
+    ("modernbert", False, "byte-level BPE"),
+    # DeBERTa-v2's normalizer turns two whitespace characters into one space but keeps a lone \u3000 in its word.
+    ("deberta-v2", False, "tokenizes differently word by word"),
+])
+def test_family_tokenizers_encode_exactly_like_the_tokenizer(tmp_path, family, memoized, note):
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TEACHERS[family](tmp_path / family))
+    encoder = DocumentEncoder(tokenizer)
+    assert encoder.memoize is memoized and note in encoder.memo_note
+    _assert_encodes_like(encoder, tokenizer, _nasty_documents(1000, seed=2) + [sentence(300)])
+
+
+def test_a_tokenizer_that_works_across_words_encodes_whole_documents():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2, "ab": 3}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Replace("a b", "ab")  # joins two words
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
     encoder = DocumentEncoder(tokenizer)
-    assert not encoder.memoize
+    assert not encoder.memoize and "Replace('a b', 'ab') may work across words" in encoder.memo_note
     _assert_encodes_like(encoder, tokenizer, ["a b", "b  a c", ""])
-
-

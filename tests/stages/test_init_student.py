@@ -52,9 +52,9 @@ def batch_of(model_dir: Path):
 
 
 def test_every_other_copies_teacher_tensors_exactly(tiny_teacher, run_dir):
-    model_dir, manifest = init_student(run_dir, tiny_teacher)
+    model_dir, manifest = init_student(run_dir, tiny_teacher)  # the defaults: a BERT teacher gets the paper's
     teacher, student = load_masked_lm(tiny_teacher), load_masked_lm(model_dir)
-    assert type(student).__name__ == "DistilBertForMaskedLM"
+    assert type(student).__name__ == "DistilBertForMaskedLM" and manifest["student_arch"] == "distilbert"
     assert manifest["layer_map"] == [0, 2, 4, 7, 9, 11]
 
     for i, teacher_index in enumerate(manifest["layer_map"]):
@@ -135,9 +135,9 @@ def test_student_with_every_teacher_layer_reproduces_the_teachers_logits(tiny_te
 
 def test_teacher_without_mlm_head_gives_a_fresh_head(tmp_path):
     teacher_dir = build_tiny_bert(tmp_path / "encoder", num_layers=4, with_mlm_head=False)
-    model_dir, manifest = init_student(tmp_path / "run", teacher_dir, "student.num_layers=2")
+    model_dir, manifest = init_student(tmp_path / "run", teacher_dir)
     assert manifest["teacher_has_mlm_head"] is False and manifest["copied_mlm_head_transform"] is False
-    assert manifest["layer_map"] == [0, 3]
+    assert manifest["layer_map"] == [0, 3]  # the default depth: half the teacher's 4 layers
     teacher, student = load_masked_lm(teacher_dir), load_masked_lm(model_dir)
     # Loading the encoder as a masked LM gives it a random head; the student must not copy it.
     assert not torch.equal(student.vocab_transform.weight, teacher.cls.predictions.transform.dense.weight)
@@ -164,8 +164,9 @@ def test_roberta_teacher_gives_a_distilroberta_style_student(tmp_path):
     from transformers import pipeline
 
     teacher_dir = build_tiny_roberta(tmp_path / "roberta")
-    model_dir, manifest = init_student(tmp_path / "run", teacher_dir, "student=same_arch", "student.num_layers=2")
+    model_dir, manifest = init_student(tmp_path / "run", teacher_dir)  # the defaults: no student= override
     assert manifest["layer_map"] == [0, 3] and manifest["copied_mlm_head_transform"] is True
+    assert manifest["student_arch"] == "same_arch"  # what student.arch=auto resolved to
     teacher, student = load_masked_lm(teacher_dir), load_masked_lm(model_dir)
     assert type(student).__name__ == "RobertaForMaskedLM" and student.config.num_hidden_layers == 2
     assert torch.equal(student.roberta.encoder.layer[1].output.dense.weight,
@@ -186,8 +187,8 @@ def test_roberta_student_with_every_layer_reproduces_the_teachers_logits(tmp_pat
 
 def test_distilbert_student_refuses_a_roberta_teacher(tmp_path):
     teacher_dir = build_tiny_roberta(tmp_path / "roberta")
-    with pytest.raises(UsageError, match="student=distilbert needs a BERT teacher.*use student=same_arch"):
-        init_student(tmp_path / "run", teacher_dir, "student.num_layers=2")
+    with pytest.raises(UsageError, match="student=distilbert needs a BERT or DistilBERT teacher.*use student=auto"):
+        init_student(tmp_path / "run", teacher_dir, "student=distilbert")
     assert not (tmp_path / "run" / "init-student").exists()
 
 
@@ -221,9 +222,27 @@ def _not_bert_family(tmp_path: Path) -> Path:
     return tmp_path / "gpt2"
 
 
+def _custom_code(tmp_path: Path) -> Path:
+    """A checkpoint whose config names its own code (config.json `auto_map`), as hub repos with custom models do."""
+    from transformers import BertConfig
+
+    directory = tmp_path / "custom"
+    config = BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32).to_dict()
+    config.update(model_type="my_bert", auto_map={"AutoConfig": "modeling.MyConfig",
+                                                  "AutoModelForMaskedLM": "modeling.MyModel"})
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "modeling.py").write_text("raise RuntimeError('custom code must not run')\n")
+    return directory
+
+
 @pytest.mark.parametrize(("teacher", "overrides", "message"), [
     (lambda tmp, tiny: tmp / "missing", [], "teacher directory does not exist"),
-    (lambda tmp, tiny: _not_bert_family(tmp), [], "is a 'gpt2' model, which is not supported"),
+    (lambda tmp, tiny: _not_bert_family(tmp), [], "is a 'gpt2' model, which is not supported (supported: bert, "
+                                                  "roberta, xlm-roberta, camembert, electra, deberta-v2, modernbert, "
+                                                  "distilbert)"),
+    (lambda tmp, tiny: _custom_code(tmp), [], "it ships its own model code, which runs only with "
+                                              "trust_remote_code=true"),
     (lambda tmp, tiny: tiny, ["init=explicit", "init.layers=[0,2,4,7,9,12]"], "teacher layers are 0..11"),
     (lambda tmp, tiny: tiny, ["init=explicit", "init.layers=[0,2,4]"], "has 3 layers but student.num_layers=6"),
     (lambda tmp, tiny: tiny, ["student.num_layers=13"], "the student needs 1 to 12 layers"),
