@@ -76,7 +76,7 @@ COMMANDS = (
                  "Tokenize a corpus into the training set, with token counts for masking.",
                  "reads: a corpus (data=...); writes: <run_dir>/prepare-data/"),
     StageCommand("init-student", "init_student", _init_student,
-                 "Build the student from the teacher (layer selection, embeddings, MLM head).",
+                 "Build the student from the teacher (half its layers, DistilBERT or its own class by default).",
                  "reads: teacher.name_or_path; writes: <run_dir>/init-student/model/"),
     StageCommand("train", "train", _train,
                  "Distill the teacher into the student (the DistilBERT triple loss). Alias: distill.",
@@ -97,7 +97,8 @@ COMMANDS = (
 
 app = typer.Typer(
     name="distil",
-    help="Distill a BERT-family teacher into a DistilBERT-style student, one stage per command. "
+    help="Distill an encoder teacher (BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa-v3, ModernBERT, DistilBERT) into a "
+    "smaller student the DistilBERT way, one stage per command. "
     "Every command takes Hydra overrides (key=value, +experiment=NAME, group=option) and --cfg.",
     no_args_is_help=True,
     add_completion=False,

@@ -143,7 +143,11 @@ def build_tiny_electra(directory: Path, num_layers: int = 4, discriminator: bool
 
 
 def build_tiny_deberta_v2(directory: Path, num_layers: int = 4, legacy: bool = False) -> Path:
-    """DeBERTa-v3's layout: relative positions in buckets, no absolute positions, no token types, Unigram."""
+    """DeBERTa-v3's layout: relative positions in buckets, no absolute positions, no token types, Unigram. Without
+    `legacy`, as the released checkpoints: the original `lm_predictions` head, and no head layout named in
+    config.json (which transformers reads as its other, `cls.predictions` layout)."""
+    import json
+
     from transformers import DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Tokenizer
 
     vocab = _unigram_vocab(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"])
@@ -152,7 +156,12 @@ def build_tiny_deberta_v2(directory: Path, num_layers: int = 4, legacy: bool = F
                              relative_attention=True, position_buckets=16, max_relative_positions=-1,
                              pos_att_type=["p2c", "c2p"], position_biased_input=False, norm_rel_ebd="layer_norm",
                              share_att_key=True, type_vocab_size=0, legacy=legacy, pad_token_id=0, **_small())
-    return _save(directory, DebertaV2ForMaskedLM, config, tokenizer)
+    _save(directory, DebertaV2ForMaskedLM, config, tokenizer)
+    if not legacy:
+        saved = json.loads((directory / "config.json").read_text())
+        del saved["legacy"]
+        (directory / "config.json").write_text(json.dumps(saved))
+    return directory
 
 
 def build_tiny_modernbert(directory: Path, num_layers: int = 4) -> Path:

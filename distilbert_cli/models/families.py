@@ -48,6 +48,9 @@ class Family:
     # Position ids start after the padding id (RoBERTa's padding_idx + 1), so the position table holds
     # pad_token_id + 1 more rows than the longest input.
     positions_after_padding: bool = False
+    # Config overrides for other MLM head layouts the family's checkpoints use, tried in order when the default
+    # layout finds no head in a checkpoint (models/loading.py load_masked_lm).
+    head_layouts: tuple[Mapping[str, object], ...] = ()
 
     def layer_pattern(self) -> re.Pattern:
         """Matches a parameter of layer i: group 1 is i."""
@@ -137,12 +140,13 @@ ELECTRA = Family(
 # with deberta.encoder.LayerNorm) is shared by all layers and copied whole; the student keeps the teacher's
 # position_buckets and max_relative_positions, so the table and the bucketing stay consistent. No absolute
 # positions (position_biased_input=false) and no token types in v3 (type_vocab_size=0). Two head layouts:
-# `cls.predictions` (config.legacy) or `lm_predictions.lm_head` (decoder = the word embeddings).
+# `cls.predictions` (config.legacy, transformers' default) or `lm_predictions.lm_head` (decoder = the word
+# embeddings), which the original checkpoints hold and which loads with legacy=false.
 DEBERTA_V2 = Family(
     name="deberta-v2", model_types=("deberta-v2",), layers="deberta.encoder.layer",
     head_transform=("cls.predictions.transform.", "lm_predictions.lm_head.dense.", "lm_predictions.lm_head.LayerNorm."),
     mlm_head=_deberta_head, token_type_embeddings="deberta.embeddings.token_type_embeddings",
-    extra_inputs=("token_type_ids",),
+    extra_inputs=("token_type_ids",), head_layouts=({"legacy": False},),
 )
 
 # ModernBERT: layers in model.layers, rotary positions, its own embedding norm (model.embeddings.norm) and a
@@ -165,11 +169,15 @@ DISTILBERT = Family(
 FAMILIES: tuple[Family, ...] = (BERT, ROBERTA, ELECTRA, DEBERTA_V2, MODERNBERT, DISTILBERT)
 
 
+def find_family(config) -> Family | None:
+    """The family of a transformers config, or None for a model type outside the table."""
+    return next((family for family in FAMILIES if config.model_type in family.model_types), None)
+
+
 def family_of(config, role: str = "model") -> Family:
     """The family of a transformers config, or a UsageError naming the supported model types."""
-    for family in FAMILIES:
-        if config.model_type in family.model_types:
-            return family
+    if (family := find_family(config)) is not None:
+        return family
     supported = ", ".join(t for family in FAMILIES for t in family.model_types)
     raise UsageError(f"{role} is a {config.model_type!r} model, which is not supported (supported: {supported})")
 
@@ -192,7 +200,7 @@ def family_of_model(model: nn.Module, role: str = "model") -> Family:
 def max_sequence_length(config) -> int:
     """The most tokens a model takes: its position table, less the rows before the first position (RoBERTa's
     514 positions take 512 tokens). Models outside the table: their position table."""
-    family = next((family for family in FAMILIES if config.model_type in family.model_types), None)
+    family = find_family(config)
     offset = config.pad_token_id + 1 if family is not None and family.positions_after_padding else 0
     return config.max_position_embeddings - offset
 

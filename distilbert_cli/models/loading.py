@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from distilbert_cli.errors import UsageError
+from distilbert_cli.models.families import find_family
 
 log = logging.getLogger(__name__)
 
@@ -94,20 +95,35 @@ def load_masked_lm(name_or_path: str, trust_remote_code: bool = False, role: str
     """A checkpoint as an AutoModelForMaskedLM, and whether the checkpoint has an MLM head.
 
     A plain encoder (e.g. a sentence-transformers BertModel) loads too: transformers then initialises the head
-    at random, and the head's weights show up as missing from the checkpoint.
+    at random, and the head's weights show up as missing from the checkpoint. A family whose checkpoints come
+    with another head layout (`Family.head_layouts`: DeBERTa's original `lm_predictions` head) is loaded again
+    in that layout when the first finds no head.
     """
     from transformers import AutoModelForMaskedLM
 
     model, loading_info = load_model(AutoModelForMaskedLM, name_or_path, trust_remote_code, role=role,
                                      output_loading_info=True, **kwargs)
+    family = find_family(model.config)
+    for layout in family.head_layouts if family is not None and loading_info["unexpected_keys"] else ():
+        if _has_head(model, loading_info):
+            break
+        log.info("%s %s: no MLM head in the default layout, trying %s", role, name_or_path, layout)
+        model, loading_info = load_model(AutoModelForMaskedLM, name_or_path, trust_remote_code, role=role,
+                                         output_loading_info=True, **layout, **kwargs)
+    return model, _has_head(model, loading_info)
+
+
+def _has_head(model, loading_info) -> bool:
+    """Whether every parameter missing from the checkpoint is in the base model (none in the head)."""
     base = f"{model.base_model_prefix}."
-    return model, all(key.startswith(base) for key in loading_info["missing_keys"])
+    return all(key.startswith(base) for key in loading_info["missing_keys"])
 
 
 def load_frozen_teacher(name_or_path: str, has_mlm_head: bool, trust_remote_code: bool, **kwargs):
-    """The teacher in eval mode without gradients: a masked LM, or a plain encoder when it has no MLM head."""
-    from transformers import AutoModel, AutoModelForMaskedLM
+    """The teacher in eval mode without gradients: a masked LM (in the head layout init-student found), or a
+    plain encoder when it has no MLM head."""
+    from transformers import AutoModel
 
-    teacher = load_model(AutoModelForMaskedLM if has_mlm_head else AutoModel, name_or_path, trust_remote_code,
-                         role="teacher", **kwargs)
+    teacher = (load_masked_lm(name_or_path, trust_remote_code, **kwargs)[0] if has_mlm_head
+               else load_model(AutoModel, name_or_path, trust_remote_code, role="teacher", **kwargs))
     return teacher.eval().requires_grad_(False)

@@ -60,8 +60,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     n_teacher = teacher_config.num_hidden_layers
     num_layers = default_num_layers(n_teacher) if cfg.student.num_layers is None else cfg.student.num_layers
     layer_map = select_layers(cfg.init.strategy, n_teacher, num_layers, cfg.init.layers)
-    config = student_config(teacher_config, arch, layer_map, cfg.student.hidden_size, cfg.student.num_attention_heads,
-                            cfg.student.intermediate_size)
+    student_config(teacher_config, arch, layer_map, cfg.student.hidden_size, cfg.student.num_attention_heads,
+                   cfg.student.intermediate_size)  # its checks, before the stage opens
     copies_teacher = cfg.init.strategy != "random"
     teacher_widths = widths(teacher_config, family)
     narrower = [f"student.{key}={cfg.student[key]}" for key in WIDTH_KEYS
@@ -74,6 +74,9 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     with open_stage(cfg, artifacts.INIT_STUDENT, overrides) as stage:
         stage.use_model(teacher_name, "teacher")
         teacher, teacher_has_mlm_head = load_masked_lm(teacher_name, trust, role="teacher")
+        # As loaded: loading may have picked another head layout (DeBERTa's legacy=false).
+        config = student_config(teacher.config, arch, layer_map, cfg.student.hidden_size,
+                                cfg.student.num_attention_heads, cfg.student.intermediate_size)
         if not teacher_has_mlm_head:
             log.warning("the teacher has no MLM head: the student gets a fresh one, and distil train must run with "
                         "loss.alpha_ce=0 (there are no teacher logits to distill)")

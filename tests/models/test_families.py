@@ -13,7 +13,7 @@ from transformers import AutoModelForMaskedLM, AutoModelForQuestionAnswering, Au
 
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models.families import FAMILIES, family_of, family_of_model, max_sequence_length, mlm_head
-from distilbert_cli.models.loading import load_masked_lm
+from distilbert_cli.models.loading import load_frozen_teacher, load_masked_lm
 from distilbert_cli.models.student import (
     default_num_layers,
     init_student_weights,
@@ -196,3 +196,17 @@ def test_max_sequence_length_leaves_out_robertas_rows_before_the_first_position(
 def test_every_family_has_a_tiny_teacher():
     assert {family for family, _ in EXPECTED.values()} == {family.name for family in FAMILIES}
     assert set(EXPECTED) == set(TINY_TEACHERS)
+
+
+def test_deberta_checkpoints_with_the_original_head_load_it(tmp_path, caplog):
+    """DeBERTa's released checkpoints hold the `lm_predictions` head, and their config.json does not name a layout,
+    which transformers reads as its `cls.predictions` (legacy) layout: the head must still be found, copied, and
+    be the frozen teacher's in train."""
+    directory = TINY_TEACHERS["deberta-v2"](tmp_path / "deberta")
+    assert "legacy" not in (directory / "config.json").read_text()
+    with caplog.at_level(logging.INFO):
+        model, has_head = load_masked_lm(str(directory))
+    assert has_head and model.legacy is False and "trying {'legacy': False}" in caplog.text
+    student = build_student(model, has_head, [0, 3])
+    assert torch.equal(student.lm_predictions.lm_head.dense.weight, model.lm_predictions.lm_head.dense.weight)
+    assert load_frozen_teacher(str(directory), True, False).legacy is False
