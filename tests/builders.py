@@ -83,7 +83,7 @@ def _byte_vocab(specials: list[str], last: list[str]) -> dict[str, int]:
     return {token: index for index, token in enumerate([*specials, *sorted(ByteLevel.alphabet()), *last])}
 
 
-def _unigram_vocab(specials: list[str]) -> list[tuple[str, float]]:
+def unigram_vocab(specials: list[str]) -> list[tuple[str, float]]:
     """SentencePiece-style pieces after `specials`: each tiny-vocabulary word and character as a word start
     ("▁the") and each character inside a word, the shorter pieces less likely."""
     tokens = [token for token in tiny_vocab()[5:] if not token.startswith("##")]
@@ -124,7 +124,7 @@ def build_tiny_xlm_roberta(directory: Path, num_layers: int = 4, camembert: bool
     config_class, model_class, tokenizer_class = ((CamembertConfig, CamembertForMaskedLM, CamembertTokenizer)
                                                   if camembert else
                                                   (XLMRobertaConfig, XLMRobertaForMaskedLM, XLMRobertaTokenizer))
-    vocab = _unigram_vocab(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    vocab = unigram_vocab(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     tokenizer = tokenizer_class(vocab=vocab, model_max_length=128)
     config = config_class(vocab_size=len(vocab), num_hidden_layers=num_layers, max_position_embeddings=130,
                           type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, **_small())
@@ -150,7 +150,7 @@ def build_tiny_deberta_v2(directory: Path, num_layers: int = 4, legacy: bool = F
 
     from transformers import DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Tokenizer
 
-    vocab = _unigram_vocab(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"])
+    vocab = unigram_vocab(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"])
     tokenizer = DebertaV2Tokenizer(vocab=vocab, model_max_length=128)
     config = DebertaV2Config(vocab_size=len(vocab), num_hidden_layers=num_layers, max_position_embeddings=128,
                              relative_attention=True, position_buckets=16, max_relative_positions=-1,

@@ -94,7 +94,9 @@ class DocumentEncoder:
     """The teacher's fast tokenizer, memoized word by word where that provably changes nothing.
 
     `encoder(texts)` takes a batch of documents (an Arrow string array) and gives every document's token ids
-    concatenated (int32) and the number of tokens of each.
+    concatenated (int32) and the number of tokens of each: the tokenizer's ids of the document stripped of
+    leading and trailing whitespace (as the line reader strips lines; a SentencePiece tokenizer would otherwise
+    give a trailing space a token of its own).
 
     When the tokenizer's normalizer, pre-tokenizer and model all work within whitespace-separated words
     (WordPiece as in BERT, SentencePiece-style Unigram with a Metaspace that marks every word, as in XLM-R), a
@@ -104,8 +106,9 @@ class DocumentEncoder:
     pre-tokenize, the model, build an Encoding) on every occurrence. A start-up probe finds what the tokenizer does
     with each of SPLIT_CHARACTERS between two words (splits there, deletes it as BERT deletes \\v and \\x1c, or
     keeps it inside the word), and the memo is used only if it then gives the tokenizer's own ids on every probe
-    text (`_probe_texts`). Any other tokenizer (byte-level BPE, which attaches each space to the next word)
-    tokenizes whole documents. `memo_note` says which, and why.
+    text (`_probe_texts`). Documents with an added token (such as <mask>) written in them, and every document of
+    any other tokenizer (byte-level BPE, which attaches each space to the next word), are tokenized whole.
+    `memo_note` says which, and why.
     """
 
     MEMO_WORDS = 1 << 19  # per process; once full, new words are tokenized for their batch only
@@ -138,6 +141,8 @@ class DocumentEncoder:
     def _probe(self, tokenizer) -> str | None:
         """Set up the memo from what the tokenizer does with each whitespace character; None if the memo then
         encodes every probe text exactly as the tokenizer does, else what differs."""
+        import pyarrow.compute as pc
+
         split, joined = self.encode_whole(["a b", "ab"])
         if split == joined:
             return "the probe cannot tell a split from a join with this vocabulary"
@@ -149,14 +154,16 @@ class DocumentEncoder:
         self.deleted_pattern = _character_class(deleted) if deleted else None
         self.split_pattern = (None if len(deleted) + len(splitting) == len(SPLIT_CHARACTERS)
                               else _character_class(splitting) + "+")
+        added = [token.content for token in tokenizer.added_tokens_decoder.values()]
+        self.added_pattern = "(?i)" + "|".join(map(re.escape, added)) if added else None
         self._empty_memo()
         self.memoize = True
-        texts = _probe_texts(tokenizer)
-        expected = self.encode_whole(texts)
-        flat, lengths = self(pa.array(texts))
+        texts = pa.array(_probe_texts(tokenizer))
+        expected = self.encode_whole(pc.utf8_trim_whitespace(texts).to_pylist())
+        flat, lengths = self(texts)
         self.memoize = False
         bounds = np.concatenate([[0], np.cumsum(lengths)])
-        for text, ids, start, stop in zip(texts, expected, bounds[:-1], bounds[1:], strict=True):
+        for text, ids, start, stop in zip(texts.to_pylist(), expected, bounds[:-1], bounds[1:], strict=True):
             if flat[start:stop].tolist() != ids:
                 return f"the probe text {text!r} tokenizes differently word by word"
         self._empty_memo()  # the probe's words are not worth their slots
@@ -186,8 +193,28 @@ class DocumentEncoder:
     def __call__(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         import pyarrow.compute as pc
 
+        texts = pc.utf8_trim_whitespace(texts)
         if not self.memoize:
             return _flatten(self.encode_whole(texts.to_pylist()))
+        whole = (pc.match_substring_regex(texts, self.added_pattern).to_numpy(zero_copy_only=False)
+                 if self.added_pattern is not None else np.zeros(len(texts), dtype=bool))
+        if not whole.any():
+            return self._encode_memoized(texts)
+        # Documents with an added token written in them take the whole-document path: around an added token a
+        # SentencePiece tokenizer keeps the space before it as a token of its own.
+        memo_flat, memo_lengths = self._encode_memoized(texts.filter(pa.array(~whole)))
+        whole_flat, whole_lengths = _flatten(self.encode_whole(texts.filter(pa.array(whole)).to_pylist()))
+        lengths = np.empty(len(texts), dtype=np.int64)
+        lengths[~whole], lengths[whole] = memo_lengths, whole_lengths
+        starts = np.cumsum(lengths) - lengths
+        flat = np.empty(int(lengths.sum()), dtype=np.int32)
+        flat[ragged_positions(starts[~whole], memo_lengths)] = memo_flat
+        flat[ragged_positions(starts[whole], whole_lengths)] = whole_flat
+        return flat, lengths
+
+    def _encode_memoized(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        import pyarrow.compute as pc
+
         if self.deleted_pattern is not None:
             texts = pc.replace_substring_regex(texts, self.deleted_pattern, "")
         words_of_docs = (pc.utf8_split_whitespace(texts) if self.split_pattern is None

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pytest
-from builders import TINY_TEACHERS, tiny_vocab
+from builders import TINY_TEACHERS, tiny_vocab, unigram_vocab
 from transformers import AutoTokenizer
 
 from distilbert_cli.data.tokenize import (
@@ -66,15 +66,15 @@ NASTY = list("abc xyz.,;!?'\"()[]-") + [
     "\u0301", "中", "😀", "\x00", "\ufffd", "[SEP]", "[MASK]", "[cls]", "ß", "İ", "ﬁ", "  ", "the", "x" * 120]
 
 
-def _nasty_documents(count: int, seed: int) -> list[str]:
+def _nasty_documents(count: int, seed: int, pieces: list[str] = NASTY) -> list[str]:
     rng = random.Random(seed)
-    return ["".join(rng.choice(NASTY) for _ in range(rng.randint(0, 30))) for _ in range(count)]
+    return ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 30))) for _ in range(count)]
 
 
 def _assert_encodes_like(encoder, tokenizer, documents, batch=200):
     for start in range(0, len(documents), batch):
         texts = documents[start:start + batch]
-        expected = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        expected = tokenizer([text.strip() for text in texts], add_special_tokens=False)["input_ids"]
         flat, lengths = encoder(pa.array(texts))
         assert lengths.tolist() == [len(ids) for ids in expected]
         assert flat.tolist() == [i for ids in expected for i in ids]
@@ -132,3 +132,23 @@ def test_a_tokenizer_that_works_across_words_encodes_whole_documents():
     encoder = DocumentEncoder(tokenizer)
     assert not encoder.memoize and "Replace('a b', 'ab') may work across words" in encoder.memo_note
     _assert_encodes_like(encoder, tokenizer, ["a b", "b  a c", ""])
+
+
+def test_a_released_style_sentencepiece_tokenizer_is_memoized_and_written_special_tokens_go_whole():
+    """XLM-R's released tokenizer.json: a normalizer that folds runs of spaces, and a Metaspace pre-tokenizer that
+    splits on spaces only (so other whitespace stays inside a word) and gives the space before a special token
+    written in the text a token of its own, which the documents holding one are tokenized whole for."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    backend = Tokenizer(models.Unigram(unigram_vocab(specials), unk_id=3))
+    backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", pad_token="<pad>",
+                                        eos_token="</s>", unk_token="<unk>", mask_token="<mask>")
+    encoder = DocumentEncoder(tokenizer)
+    assert encoder.memoize, encoder.memo_note
+    assert encoder.split_pattern is not None  # it splits on fewer characters than Arrow's whitespace split
+    pieces = [*NASTY, " <mask>", "<mask>", " <s> ", "</s>", "<UNK>"]
+    _assert_encodes_like(encoder, tokenizer, _nasty_documents(2000, seed=3, pieces=pieces) + [sentence(300)])
