@@ -58,7 +58,7 @@ def main() -> None:
     notes = []
     for name, config in BASE_CONFIGS.items():
         layers = config.num_hidden_layers
-        layer_map = select_layers("every_other", layers, default_num_layers(layers))
+        layer_map = select_layers("every_other", layers, default_num_layers(layers, "every_other", None))
         with torch.device("meta"):
             teacher = AutoModelForMaskedLM.from_config(config)
             student = AutoModelForMaskedLM.from_config(student_config(config, "auto", layer_map))

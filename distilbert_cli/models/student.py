@@ -66,8 +66,11 @@ def uniform_layers(n_teacher: int, n_student: int) -> list[int]:
     return [(i + 1) * n_teacher // n_student - 1 for i in range(n_student)]
 
 
-def default_num_layers(n_teacher: int) -> int:
-    """`student.num_layers: null`: half the teacher's layers, rounded down (the paper's 12 -> 6), at least 1."""
+def default_num_layers(n_teacher: int, strategy: str, layers: Sequence[int] | None) -> int:
+    """`student.num_layers: null`: as many layers as `init.layers` lists for init=explicit, else half the
+    teacher's, rounded down (the paper's 12 -> 6), at least 1."""
+    if strategy == "explicit" and layers is not None:
+        return len(layers)
     return max(1, n_teacher // 2)
 
 

@@ -58,7 +58,9 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     family = family_of(teacher_config, role=f"teacher {teacher_name!r}")
     arch = resolve_arch(cfg.student.arch, family)
     n_teacher = teacher_config.num_hidden_layers
-    num_layers = default_num_layers(n_teacher) if cfg.student.num_layers is None else cfg.student.num_layers
+    num_layers = cfg.student.num_layers
+    if num_layers is None:
+        num_layers = default_num_layers(n_teacher, cfg.init.strategy, cfg.init.layers)
     layer_map = select_layers(cfg.init.strategy, n_teacher, num_layers, cfg.init.layers)
     student_config(teacher_config, arch, layer_map, cfg.student.hidden_size, cfg.student.num_attention_heads,
                    cfg.student.intermediate_size)  # its checks, before the stage opens

@@ -157,7 +157,7 @@ def test_student_checkpoints_load_with_a_question_answering_head(teacher, tmp_pa
 
 @pytest.mark.parametrize(("teacher_layers", "student_layers"), [(12, 6), (24, 12), (6, 3), (4, 2), (22, 11), (1, 1)])
 def test_default_depth_is_half_the_teachers(teacher_layers, student_layers):
-    assert default_num_layers(teacher_layers) == student_layers
+    assert default_num_layers(teacher_layers, "every_other", None) == student_layers
 
 
 def test_auto_is_distilbert_for_bert_only():

@@ -7,7 +7,7 @@ import torch
 
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models.loading import count_parameters
-from distilbert_cli.models.student import select_layers, student_config
+from distilbert_cli.models.student import default_num_layers, select_layers, student_config
 
 
 @pytest.mark.parametrize(("strategy", "n_teacher", "n_student", "expected"), [
@@ -54,3 +54,9 @@ def test_bert_base_shaped_parameter_counts():
         student = AutoModelForMaskedLM.from_config(student_config(BertConfig(), "distilbert", [0, 2, 4, 7, 9, 11]))
     assert 109e6 < count_parameters(teacher) < 111e6
     assert 66e6 <= count_parameters(student) <= 67e6
+
+
+def test_explicit_layers_give_the_default_depth():
+    assert default_num_layers(12, "explicit", [0, 1, 2, 3, 4, 5]) == 6
+    assert default_num_layers(12, "every_other", None) == 6
+    assert default_num_layers(1, "uniform", None) == 1
