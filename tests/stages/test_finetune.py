@@ -13,16 +13,16 @@ from distilbert_cli.config import compose_config
 from distilbert_cli.models.run_models import ModelChoice, resolve_models
 from distilbert_cli.rundir import open_stage, read_manifest
 from distilbert_cli.stages import evaluate, finetune
-from distilbert_cli.tasks import TASKS, get_task
+from distilbert_cli.tasks import get_task, glue
 
 runner = CliRunner()
 
 
 def test_run_glue_epochs_five_for_mrpc_and_wnli_three_otherwise():
     cfg = compose_config("finetune")
-    assert {name: finetune.epochs_for(cfg, task) for name, task in TASKS.items()} == {
+    assert {name: finetune.epochs_for(cfg, glue.TASKS[name]) for name in glue.TASKS} == {
         "cola": 3, "sst2": 3, "mrpc": 5, "stsb": 3, "qqp": 3, "mnli": 3, "qnli": 3, "rte": 3, "wnli": 5}
-    assert finetune.epochs_for(compose_config("finetune", ["finetune.long_tasks=[MRPC]"]), TASKS["mrpc"]) == 5
+    assert finetune.epochs_for(compose_config("finetune", ["finetune.long_tasks=[MRPC]"]), glue.TASKS["mrpc"]) == 5
 
 
 # ---- bad input: one line, exit 2 ----------------------------------------------------------------
@@ -120,7 +120,7 @@ def test_finetune_student_and_teacher_with_soft_targets_then_evaluate(tmp_path, 
     cfg = compose_config("finetune", [
         f"run_dir={run_dir}", "task.names=[rte]", f"task.data_dir={GLUE_DIR}", "finetune.models=[student,teacher]",
         "finetune.seeds=[3]", "finetune.epochs=1", "finetune.max_train_samples=96", "finetune.max_eval_samples=48",
-        "finetune.max_seq_length=64", "finetune.learning_rate=1e-3", "finetune.soft_targets.teacher=teacher"])
+        "task.max_seq_length=64", "finetune.learning_rate=1e-3", "finetune.soft_targets.teacher=teacher"])
     scores = finetune.run(cfg)
     assert set(scores) == {"student", "teacher"} and set(scores["student"]["rte"]) == {3}
 
@@ -147,7 +147,7 @@ def test_finetune_student_and_teacher_with_soft_targets_then_evaluate(tmp_path, 
     assert "finetune.max_train_samples=96 (not the full split)" in table
     student, teacher = results["models"]["student"]["score"], results["models"]["teacher"]["score"]
     assert student == pytest.approx(scores["student"]["rte"][3])
-    assert results["retention"]["percent"] == pytest.approx(100 * student / teacher)
+    assert results["retention"]["GLUE dev (the paper's Table 1)"]["percent"] == pytest.approx(100 * student / teacher)
     assert f"{100 * student / teacher:.1f}%" in table
 
     # An already fine-tuned model directory alone: the task comes from its config.
