@@ -98,7 +98,7 @@ def summarize(records: list[dict]) -> dict:
 
 def retention(summary: dict, tasks: Sequence[str] | None = None) -> dict | None:
     """Student score / teacher score on the tasks (of `tasks`, default all) both were fine-tuned on, in percent
-    (the paper: 97% on GLUE)."""
+    (the paper: 97% on GLUE); None without both, or for a teacher score of 0."""
     if "student" not in summary or "teacher" not in summary:
         return None
     common = set(summary["student"]["tasks"]) & set(summary["teacher"]["tasks"])
@@ -106,6 +106,8 @@ def retention(summary: dict, tasks: Sequence[str] | None = None) -> dict | None:
     if not common:
         return None
     student, teacher = ([summary[m]["tasks"][t]["score"] for t in common] for m in ("student", "teacher"))
+    if np.mean(teacher) == 0:
+        return None
     return {"tasks": common, "student": float(np.mean(student)), "teacher": float(np.mean(teacher)),
             "percent": float(100 * np.mean(student) / np.mean(teacher))}
 

@@ -1,11 +1,13 @@
-"""finetune and evaluate: epochs per task, bad inputs (exit 2), and a tiny end-to-end on real RTE rows."""
+"""finetune and evaluate: epochs per task, bad inputs and bad data (exit 2), and tiny end-to-end runs of each task
+kind: GLUE RTE, SQuAD with soft targets (Table 2), IMDb and your own CSV, your own pair regression with soft
+targets."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from builders import GLUE_DIR, build_tiny_bert, build_tiny_distilbert
+from builders import GLUE_DIR, REVIEWS_DIR, SQUAD_DIR, build_tiny_bert, build_tiny_distilbert
 from typer.testing import CliRunner
 
 from distilbert_cli.cli import app
@@ -156,3 +158,160 @@ def test_finetune_student_and_teacher_with_soft_targets_then_evaluate(tmp_path, 
         f"eval.model_dirs=[{seed_dir / 'model'}]"]))
     (row,) = alone["models"].values()
     assert row["tasks"]["rte"]["metrics"] == pytest.approx(summary["metrics"])
+
+
+# ---- beyond GLUE: SQuAD (with "(D)"), IMDb, your own data ---------------------------------------------------------
+
+SQUAD_SMALL = [f"task.data_dir={SQUAD_DIR}", "task.qa.max_seq_length=96", "task.qa.doc_stride=48",
+               "task.qa.max_query_length=24"]
+TINY_RUN = ["finetune.seeds=[3]", "finetune.epochs=1", "finetune.batch_size=16", "finetune.learning_rate=1e-3"]
+
+
+def _table_rows(table: str, heading: str) -> list[str]:
+    """The rows of the markdown table under `heading`."""
+    section = table.split(f"## {heading}\n\n", 1)[1].split("\n\n", 1)[0]
+    return section.splitlines()[2:]
+
+
+@pytest.mark.slow
+def test_squad_with_soft_targets_then_evaluate_writes_table_2(tmp_path, tiny_models):
+    run_dir = tmp_path / "run"
+    _fake_upstream_stages(run_dir, tiny_models)
+    scores = finetune.run(compose_config("finetune", [
+        f"run_dir={run_dir}", "task=squad", *SQUAD_SMALL, *TINY_RUN, "finetune.models=[student,teacher]",
+        "finetune.soft_targets.teacher=teacher"]))
+    assert set(scores) == {"student", "teacher"}
+
+    seed_dir = run_dir / "finetune" / "student" / "squad" / "seed-3"
+    summary = json.loads((seed_dir / "metrics.json").read_text())
+    assert summary["soft_targets"] and summary["train_examples"] == 8 and summary["train_features"] > 8
+    assert summary["dev_examples"] == {"dev": 8} and set(summary["metrics"]) == {"exact_match", "f1"}
+    # The official format: {question id: answer text}, which an official evaluator re-scores to the same numbers.
+    official = json.loads((seed_dir / "predictions-dev.json").read_text())
+    dev = get_task("squad").load(compose_config("finetune", ["task=squad", *SQUAD_SMALL]).task, ("dev",))
+    dev = dev.splits["dev"]
+    assert sorted(official) == sorted(dev["id"]) and all(isinstance(text, str) for text in official.values())
+    rescored = get_task("squad").compute_metrics([official[i] for i in dev["id"]], dev["answers"])
+    assert rescored == pytest.approx(summary["metrics"])
+    rows = [json.loads(line) for line in (seed_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in rows] == dev["id"] and rows[1]["label"] == dev[1]["answers"]
+    saved = json.loads((seed_dir / "model" / "config.json").read_text())
+    assert saved["architectures"] == ["DistilBertForQuestionAnswering"] and saved["finetuning_task"] == "squad"
+
+    results = evaluate.run(compose_config("evaluate", [f"run_dir={run_dir}", "task=squad"]))
+    table = (run_dir / "evaluate" / "results.md").read_text()
+    student = results["models"]["student"]["tasks"]["squad"]["metrics"]
+    assert _table_rows(table, "IMDb and SQuAD (the paper's Table 2)") == [
+        f"| student (D) (ours) | {student['exact_match']:.1f}/{student['f1']:.1f} |",
+        "| teacher (ours) | {exact_match:.1f}/{f1:.1f} |".format(**results["models"]["teacher"]["tasks"]["squad"]
+                                                               ["metrics"]),
+        "| BERT-base (published) | 81.2/88.5 |", "| DistilBERT (published) | 77.7/85.8 |",
+        "| DistilBERT (D) (published) | 79.1/86.9 |"]
+    assert "| Model | SQuAD v1.1 (EM/F1) |" in table and "the paper on the same tasks: 96.3%" in table
+    assert "(D): every model but the teacher learned from the soft targets of the fine-tuned 'teacher'" in table
+    assert "windows of 96 tokens every 48 context tokens" in table
+
+    # The saved model alone, through eval.model_dirs: the same questions, the same scores.
+    alone = evaluate.run(compose_config("evaluate", [f"run_dir={tmp_path / 'alone'}", "task=squad", *SQUAD_SMALL,
+                                                     f"eval.model_dirs=[{seed_dir / 'model'}]"]))
+    (row,) = alone["models"].values()
+    assert row["tasks"]["squad"]["metrics"] == pytest.approx(summary["metrics"])
+    assert (tmp_path / "alone" / "evaluate" / "model-0" / "predictions-dev.json").is_file()
+
+
+def test_squad_v2_null_threshold_decides_the_empty_answers(tmp_path):
+    from transformers import BertForQuestionAnswering
+
+    model_dir = build_tiny_bert(tmp_path / "qa", num_layers=1)
+    model = BertForQuestionAnswering.from_pretrained(model_dir)
+    model.config.finetuning_task = "squad_v2"
+    model.save_pretrained(model_dir)
+    scored = {}
+    for threshold in (-1e4, 1e4):  # always no answer; never
+        results = evaluate.run(compose_config("evaluate", [
+            f"run_dir={tmp_path / str(threshold)}", "task=squad_v2", *SQUAD_SMALL, f"eval.model_dirs=[{model_dir}]",
+            f"task.qa.null_score_diff_threshold={threshold}"]))
+        (row,) = results["models"].values()
+        scored[threshold] = row["tasks"]["squad_v2"]["metrics"]
+        answers = json.loads((tmp_path / str(threshold) / "evaluate" / "model-0" / "predictions-dev.json").read_text())
+        assert len(answers) == 14 and (all(a == "" for a in answers.values()) == (threshold < 0))
+    assert scored[-1e4] == {"exact_match": pytest.approx(100 * 6 / 14), "f1": pytest.approx(100 * 6 / 14)}
+    assert scored[1e4]["exact_match"] < 100 * 6 / 14  # the 6 questions without an answer are answered
+
+
+@pytest.mark.slow
+def test_imdb_and_your_own_csv_then_evaluate(tmp_path, tiny_models):
+    run_dir = tmp_path / "run"
+    _fake_upstream_stages(run_dir, tiny_models)
+    finetune.run(compose_config("finetune", [
+        f"run_dir={run_dir}", "task.names=[imdb,text_classification]", f"task.data_dir={REVIEWS_DIR}",
+        f"task.data.train={REVIEWS_DIR / 'train.csv'}", f"task.data.validation={REVIEWS_DIR / 'test.csv'}",
+        "task.max_seq_length=48", "task.truncation=head_tail", "task.head_tokens=16", *TINY_RUN]))
+    ft_dir = run_dir / "finetune" / "student"
+    saved = json.loads((ft_dir / "text_classification" / "seed-3" / "model" / "config.json").read_text())
+    assert saved["id2label"] == {"0": "neg", "1": "pos"} and saved["finetuning_task"] == "text_classification"
+    imdb = json.loads((ft_dir / "imdb" / "seed-3" / "metrics.json").read_text())
+    assert imdb["train_examples"] == 24 and imdb["dev_examples"] == {"test": 12} and set(imdb["metrics"]) == {
+        "accuracy"}
+
+    results = evaluate.run(compose_config("evaluate", [f"run_dir={run_dir}",
+                                                       "task.names=[imdb,text_classification]"]))
+    table = (run_dir / "evaluate" / "results.md").read_text()
+    accuracy = results["models"]["student"]["tasks"]["imdb"]["metrics"]["accuracy"]
+    assert _table_rows(table, "IMDb and SQuAD (the paper's Table 2)") == [
+        f"| student (ours) | {accuracy:.1f} |", "| BERT-base (published) | 93.46 |",
+        "| DistilBERT (published) | 92.82 |", "| DistilBERT (D) (published) | – |"]
+    own = results["models"]["student"]["tasks"]["text_classification"]["metrics"]
+    score = (own["accuracy"] + own["macro_f1"]) / 2
+    assert _table_rows(table, "Your own data") == [f"| student (ours) | {score:.1f} |"]
+    assert "IMDb, text classification: inputs cut to 48 tokens; truncation head+tail (the first 16 tokens" in table
+
+
+@pytest.mark.slow
+def test_your_own_pair_regression_with_soft_targets(tmp_path, tiny_models):
+    stsb = GLUE_DIR / "STS-B"
+    run_dir = tmp_path / "run"
+    _fake_upstream_stages(run_dir, tiny_models)
+    finetune.run(compose_config("finetune", [
+        f"run_dir={run_dir}", "task=text_regression", f"task.data.train={stsb / 'train.tsv'}",
+        f"task.data.validation={stsb / 'dev.tsv'}", "task.data.text_field=sentence1",
+        "task.data.text_pair_field=sentence2", "task.data.label_field=score", "task.max_seq_length=64",
+        "finetune.max_train_samples=48", *TINY_RUN, "finetune.models=[student,teacher]",
+        "finetune.soft_targets.teacher=teacher"]))
+    summary = json.loads((run_dir / "finetune" / "student" / "text_regression" / "seed-3" / "metrics.json").read_text())
+    assert summary["soft_targets"] and set(summary["metrics"]) == {"pearson", "spearman"}
+    results = evaluate.run(compose_config("evaluate", [f"run_dir={run_dir}", "task=text_regression"]))
+    assert results["retention"]["Your own data"]["tasks"] == ["text_regression"]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["task=text_classification", f"task.data.train={REVIEWS_DIR / 'train.csv'}",
+      f"task.data.validation={REVIEWS_DIR / 'test.csv'}", "task.data.label_field=stars"], "has no field 'stars'"),
+    (["task=text_classification", f"task.data.train={REVIEWS_DIR / 'train.csv'}", "task.data.validation=DEV"],
+     "label 'meh' (row 1) is not one of the classes ['neg', 'pos']"),
+    (["task=text_classification", f"task.data.train={REVIEWS_DIR / 'train.csv'}", "task.data.validation=EMPTY"],
+     "empty.csv is empty"),
+    (["task=squad", "task.data_dir=BAD_SQUAD"], "is not in the SQuAD JSON layout"),
+])
+def test_bad_data_exits_2_and_leaves_no_complete_stage(tmp_path, tiny_models, overrides, message):
+    (tmp_path / "dev.csv").write_text("text,label\nso so,meh\n")
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    (tmp_path / "squad").mkdir()
+    for name in ("train-v1.1.json", "dev-v1.1.json"):
+        (tmp_path / "squad" / name).write_text('{"data": [{"paragraphs": [{"qas": []}]}]}')
+    overrides = [o.replace("DEV", str(tmp_path / "dev.csv")).replace("EMPTY", str(tmp_path / "empty.csv"))
+                 .replace("BAD_SQUAD", str(tmp_path / "squad")) for o in overrides]
+    code, output = _invoke("finetune", *overrides, f"finetune.models=[{tiny_models['student']}]",
+                           f"run_dir={tmp_path / 'run'}")
+    last = output.strip().splitlines()[-1]  # (the runner also shows earlier tests' log handlers failing)
+    assert code == 2 and last.startswith("error: ") and message in last, output
+    assert read_manifest(tmp_path / "run" / "finetune")["status"] == "failed"
+
+
+def test_a_model_without_a_question_answering_head_exits_2(tmp_path):
+    from transformers import ViTConfig
+
+    ViTConfig().save_pretrained(tmp_path / "vit")
+    code, output = _invoke("finetune", "task=squad", f"task.data_dir={SQUAD_DIR}",
+                           f"finetune.models=[{tmp_path / 'vit'}]", f"run_dir={tmp_path / 'run'}")
+    assert code == 2 and "has no question-answering architecture" in output
