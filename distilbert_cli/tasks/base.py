@@ -121,9 +121,9 @@ class Task(ABC):
             if not path.is_file():
                 raise UsageError(f"{self.title} {split} file not found: {path} ({self.layout(settings)})")
 
+    @abstractmethod
     def layout(self, settings) -> str:
         """The local data layout in words, for error messages."""
-        return "the task reads the hub"
 
     @abstractmethod
     def load(self, settings, splits: Sequence[str], label_names: Sequence[str] | None = None) -> TaskData:
