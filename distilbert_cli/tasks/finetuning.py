@@ -192,7 +192,7 @@ def finetune_one(ft: DictConfig, settings: DictConfig, task: Task, data: TaskDat
     teacher_inputs = forward_inputs(accelerator.unwrap_model(soft_teacher)) if soft_teacher is not None else set()
 
     out.path.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     progress = tqdm(total=epochs * len(loader), desc=f"{name} {task.name} seed {seed}",
                     disable=not accelerator.is_local_main_process)
     for _ in range(epochs):
@@ -215,7 +215,7 @@ def finetune_one(ft: DictConfig, settings: DictConfig, task: Task, data: TaskDat
             progress.update()
             progress.set_postfix(loss=f"{loss.item():.4f}")
     progress.close()
-    train_seconds = time.perf_counter() - started
+    train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
 
     started = time.perf_counter()
     metrics = evaluate(task, model, tokenizer, dev, settings, per_process_batch, accelerator, out)
@@ -231,6 +231,7 @@ def finetune_one(ft: DictConfig, settings: DictConfig, task: Task, data: TaskDat
                    "train_examples": len(data.splits["train"]), "train_features": len(train),
                    "dev_examples": {split: len(examples) for split, (examples, _) in dev.items()},
                    "soft_targets": soft_teacher is not None, "train_seconds": round(train_seconds, 2),
+                   "train_cpu_seconds": round(train_cpu_seconds, 2),
                    "eval_seconds": round(eval_seconds, 2)}
         out.metrics.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%s %s seed %d: %s (train %.1fs, eval %.1fs)", name, task.name, seed,
