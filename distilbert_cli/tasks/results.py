@@ -204,7 +204,8 @@ def render_markdown(summary: dict, kept: dict, tasks: Sequence[Task], data: str,
         own = (" Their own scores are " + " and ".join(f"{name} {value}" for name, value in
                                                         published.own_scores.items()) + ".") if averaged else ""
         score_line = "Score: the mean of the row's task scores. " if averaged else ""
-        lines += ["", f"{score_line}{published.score_note} Published rows: {published.source}.{own}"]
+        source = f" Published rows: {published.source}.{own}" if published.rows else ""
+        lines += ["", f"{score_line}{published.score_note}{source}"]
         if (table_kept := kept.get(title)) is not None:
             paper = published_retention(published, table_kept["tasks"])
             lines += ["", f"Retention (student / teacher on {', '.join(table_kept['tasks'])}): "

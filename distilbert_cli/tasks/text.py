@@ -29,7 +29,7 @@ SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 EMPTY_ROWS = "rows with an empty text or label"
 
 OWN_DATA = Published(
-    "Your own data", "no published rows", {}, teacher=None, student=None,
+    "Your own data", "none (no paper reports your data)", {}, teacher=None, student=None,
     score_note="A task score is the median over seeds of the mean of its metrics on validation (classification: "
                "accuracy and macro-F1; regression: Pearson and Spearman); a test split is scored beside it.")
 
