@@ -4,7 +4,7 @@ stages read. The stage that writes a file and every stage that reads it name it 
     <run_dir>/prepare-data/  dataset/, token_counts.npy, tokenizer/, stats.json
     <run_dir>/init-student/  model/                       manifest: InitStudentFacts
     <run_dir>/distill/       final/, metrics.jsonl, validation.json, checkpoints/step-N/
-    <run_dir>/finetune/      <model>/<task>/seed-<s>/{model/, predictions.jsonl, metrics.json}
+    <run_dir>/finetune/      <model>/<task>/seed-<s>/{model/, predictions.jsonl, metrics.json, predictions-<split>.json}
     <run_dir>/evaluate/      results.json, results.md
     <run_dir>/bench-cpu/     results.json, results.md, latency.png
     <run_dir>/report/        report.md and the charts it embeds
@@ -129,6 +129,10 @@ class FinetuneRun:
     @property
     def metrics(self) -> Path:
         return self.path / "metrics.json"
+
+    def official_predictions(self, split: str) -> Path:
+        """A split's predictions in the task's official format (SQuAD: {question id: answer text})."""
+        return self.path / f"predictions-{split}.json"
 
     @property
     def seed(self) -> int:

@@ -21,7 +21,8 @@ from distilbert_cli.errors import UsageError
 # Config groups whose options are run-level presets rather than a command's own settings.
 PRESET_GROUPS = ("experiment", "debug")
 # Keys renamed since earlier releases: old spelling -> current one.
-RENAMED_KEYS = {"glue": "task", "glue.tasks": "task.names", "glue.data_dir": "task.data_dir"}
+RENAMED_KEYS = {"glue": "task", "glue.tasks": "task.names", "glue.data_dir": "task.data_dir",
+                "finetune.max_seq_length": "task.max_seq_length", "eval.max_seq_length": "task.max_seq_length"}
 
 # A wheel carries conf/ inside the package; a source checkout (editable install) keeps it at the top.
 _PACKAGED_CONF = Path(__file__).resolve().parent / "conf"

@@ -48,11 +48,56 @@ class Teacher(Group):
     name_or_path: str | None  # train: null = the teacher init-student recorded
 
 
+class QuestionAnswering(Group):
+    max_seq_length: PositiveInt
+    doc_stride: PositiveInt
+    max_query_length: PositiveInt
+    n_best_size: PositiveInt
+    max_answer_length: PositiveInt
+    null_score_diff_threshold: Annotated[float, Field(allow_inf_nan=False)]
+
+    @model_validator(mode="after")
+    def _room_for_context(self):
+        if self.max_query_length >= self.max_seq_length:
+            raise ValueError(f"task.qa.max_query_length={self.max_query_length} leaves no room for the context in "
+                             f"task.qa.max_seq_length={self.max_seq_length}")
+        return self
+
+
+class OwnData(Group):
+    hub: str | None  # null: local files
+    hub_config: str | None
+    train: str | None  # a file, or a split of `hub`
+    validation: str | None
+    test: str | None
+    text_field: str
+    text_pair_field: str | None
+    label_field: str
+    label_names: Annotated[list[str], Field(min_length=2)] | None
+
+    @field_validator("label_names")
+    @classmethod
+    def _distinct_labels(cls, values):
+        return values if values is None else _distinct(values)
+
+
 class Task(Group):
     names: Annotated[list[str], Field(min_length=1)]
     data_dir: str | None
+    max_seq_length: Annotated[int, Field(ge=3)]  # [CLS], a token, [SEP]
+    truncation: Literal["head", "head_tail"]
+    head_tokens: NonNegativeInt
+    qa: QuestionAnswering
+    data: OwnData
 
     _distinct_names = field_validator("names")(_distinct)
+
+    @model_validator(mode="after")
+    def _head_fits(self):
+        if self.truncation == "head_tail" and self.head_tokens >= self.max_seq_length:
+            raise ValueError(f"task.head_tokens={self.head_tokens} leaves no room for the tail in "
+                             f"task.max_seq_length={self.max_seq_length}")
+        return self
 
 
 # ---- prepare-data -------------------------------------------------------------------------------------
@@ -238,7 +283,6 @@ class SoftTargets(Group):
 class FinetuneSettings(Group):
     models: Annotated[list[str], Field(min_length=1)]
     seeds: Annotated[list[NonNegativeInt], Field(min_length=1)]
-    max_seq_length: PositiveInt
     batch_size: PositiveInt
     learning_rate: PositiveFloat
     weight_decay: NonNegativeFloat
@@ -269,7 +313,6 @@ class Finetune(Common):
 
 class EvalSettings(Group):
     model_dirs: list[str]
-    max_seq_length: PositiveInt
     batch_size: PositiveInt
     max_samples: PositiveInt | None
     note: str | None

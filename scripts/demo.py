@@ -42,7 +42,7 @@ TRAIN_COMMON = ["logger=none", "loss.restrict_ce_to_mask=true", "train.epochs=nu
                 "train.checkpoint_every=100", "validation.max_sequences=400"]
 # 50 steps of batch 32: at run_glue's 2e-5 these small models barely leave chance (teacher 56.5%), at 1e-4 they
 # learn the task (68.4%).
-FINETUNE = ["task.names=[sst2]", "finetune.epochs=1", "finetune.max_seq_length=64",
+FINETUNE = ["task.names=[sst2]", "finetune.epochs=1", "task.max_seq_length=64",
             "finetune.max_train_samples=1600", "finetune.learning_rate=1e-4"]
 # Batch-1 latency of these small models swings by a third from minute to minute on a shared 2-core machine, and
 # more with 2 threads: one thread, two rounds in alternating order (teacher, student; student, teacher).

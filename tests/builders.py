@@ -1,4 +1,4 @@
-"""Tiny models, tokenizers and corpora built in code (no hub access), and the committed GLUE fixture."""
+"""Tiny models, tokenizers and corpora built in code (no hub access), and the committed task fixtures."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 
 GLUE_DIR = Path(__file__).resolve().parent / "fixtures" / "glue"
+SQUAD_DIR = GLUE_DIR.parent / "squad"  # the official JSON layout: train-v1.1.json, dev-v1.1.json, v2.0
+REVIEWS_DIR = GLUE_DIR.parent / "reviews"  # the IMDb layout: train.csv, test.csv (text, label)
 
 _WORDS = (
     "the of and to a in is was for on as with by he she it that at from his her an were are which this "

@@ -43,10 +43,12 @@ def test_aliases_compose_the_same_config(command, alias):
 
 
 def test_renamed_glue_keys_still_work_with_a_note():
-    result = _run_cli("finetune", "glue=rte", "glue.data_dir=some/dir", "--cfg")
+    result = _run_cli("finetune", "glue=rte", "glue.data_dir=some/dir", "finetune.max_seq_length=64", "--cfg")
     assert result.returncode == 0, result.stderr
-    assert yaml.safe_load(result.stdout)["task"] == {"names": ["rte"], "data_dir": "some/dir"}
-    assert result.stderr.splitlines() == ["note: glue is now task", "note: glue.data_dir is now task.data_dir"]
+    task = yaml.safe_load(result.stdout)["task"]
+    assert (task["names"], task["data_dir"], task["max_seq_length"]) == (["rte"], "some/dir", 64)
+    assert result.stderr.splitlines() == ["note: glue is now task", "note: glue.data_dir is now task.data_dir",
+                                          "note: finetune.max_seq_length is now task.max_seq_length"]
 
 
 def test_a_run_level_preset_gives_each_command_only_its_own_sections():

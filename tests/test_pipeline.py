@@ -16,7 +16,7 @@ from distilbert_cli.rundir import read_manifest
 
 runner = CliRunner()
 FINETUNE_SMOKE = ["task.names=[rte]", f"task.data_dir={GLUE_DIR}", "finetune.epochs=1",
-                  "finetune.max_train_samples=64", "finetune.max_eval_samples=32", "finetune.max_seq_length=64"]
+                  "finetune.max_train_samples=64", "finetune.max_eval_samples=32", "task.max_seq_length=64"]
 
 
 def distil(*args: str) -> None:

@@ -57,15 +57,16 @@ def load_workload(cfg: DictConfig) -> Workload:
     task = get_task(cfg.task.names[0])
     split = task.dev_splits[0]
     try:
-        dataset = task.load_split(split, cfg.task.data_dir)
+        dataset = task.load(cfg.task, (split,)).splits[split]
     except UsageError as exc:
-        if cfg.task.data_dir is not None:
-            raise  # a local directory the user named must be right
+        if task.local_files(cfg.task, (split,)):
+            raise  # local files the user named must be right
         log.warning("%s; timing a generated workload instead", exc)
         return generated_workload(cfg.seed, f"{task.title} {split} unreachable on the hub")
-    where = task.describe_data(cfg.task.data_dir)
-    second = dataset["sentence2"] if task.is_pair else None
-    return Workload(f"{task.title} {split}, {len(dataset)} {'pairs' if task.is_pair else 'sentences'} ({where})",
+    where = task.describe_data(cfg.task)
+    pairs = "sentence2" in dataset.column_names
+    second = dataset["sentence2"] if pairs else None
+    return Workload(f"{task.title} {split}, {len(dataset)} {'pairs' if pairs else 'sentences'} ({where})",
                     False, (dataset["sentence1"], second))
 
 

@@ -44,6 +44,7 @@ from distilbert_cli.models.run_models import ModelChoice
 from distilbert_cli.models.run_models import resolve_models as resolve_run_models
 from distilbert_cli.rundir import open_stage, write_json_atomic
 from distilbert_cli.tasks import get_task
+from distilbert_cli.tasks.base import SequenceClassificationTask
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,9 @@ def resolve_models(cfg: DictConfig) -> list[ModelChoice]:
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     """Time every model under every backend and batch size; write results.{json,md} and latency.png."""
     task = get_task(cfg.task.names[0])
-    task.check_files(cfg.task.data_dir, task.dev_splits[:1])
+    if not isinstance(task, SequenceClassificationTask):
+        raise UsageError(f"bench-cpu times sequence classification (the paper's STS-B); {task.name} is not")
+    task.check_files(cfg.task, task.dev_splits[:1])
     choices = resolve_models(cfg)
     bench = cfg.bench
     tokenizers = [load_tokenizer(choice.source, cfg.trust_remote_code, role=f"model {choice.name} tokenizer")
@@ -74,8 +77,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
                 stage.use_stage(cfg.run_dir, choice.stage)
             stage.use_model(choice.source, f"model {choice.name}")
         workload = load_workload(cfg)
-        if cfg.task.data_dir is not None:
-            stage.use_path(task.local_files(cfg.task.data_dir, task.dev_splits[:1])[0], "workload")
+        for path in task.local_files(cfg.task, task.dev_splits[:1]).values():
+            stage.use_path(path, "workload")
         indices = timed_indices(len(workload), bench.max_examples, cfg.seed)
         release_memory()
         baseline_rss = current_rss_bytes()

@@ -2,10 +2,15 @@
 
     distil finetune task=small task.data_dir=path/to/glue_data run_dir=runs/exp1
     distil finetune 'finetune.models=[student,teacher]' 'finetune.seeds=[1,2,3,4,5]' run_dir=runs/exp1
+    distil finetune task=squad 'finetune.models=[teacher,student]' finetune.soft_targets.teacher=teacher run_dir=runs/sq
+    distil finetune task=text_classification task.data.train=train.csv task.data.validation=dev.csv run_dir=runs/exp1
     accelerate launch -m distilbert_cli finetune finetune.mixed_precision=fp16 run_dir=runs/exp1
 
-Writes `<run_dir>/finetune/<model>/<task>/seed-<s>/` with `model/` (weights and tokenizer),
-`predictions.jsonl` (every dev row: split, index, label, prediction) and `metrics.json`.
+Tasks: GLUE, IMDb, SQuAD v1.1 / v2.0 and your own data (distilbert_cli.tasks). Writes
+`<run_dir>/finetune/<model>/<task>/seed-<s>/` with `model/` (weights, tokenizer, the task's classes),
+`predictions.jsonl` (every dev example: split, index, [id,] label, prediction), `metrics.json` and, for SQuAD,
+`predictions-dev.json` in the official format. Rows the data loader had to skip are counted in the log and the
+manifest (`data_problems`).
 `student` is `<run_dir>/distill/final`, `teacher` the run's teacher (from init-student); any other entry
 is a local directory or a hub name. There is one finetune stage per run directory, so list every model
 to compare in one run. The optional "(D)" variant adds a fine-tuned teacher's soft targets to the loss.
@@ -60,15 +65,16 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     for name in cfg.finetune.long_tasks:
         get_task(name)  # a known task
     for task in tasks:
-        task.check_files(cfg.task.data_dir, task.splits)
+        task.check_files(cfg.task, ("train", *task.eval_splits(cfg.task)))
     choices = resolve_models(cfg.run_dir, cfg.finetune.models, "finetune.models")
     trust = cfg.trust_remote_code
     for choice in choices:
-        check_task_model(choice.source, f"model {choice.name}", trust)
+        for task in tasks:
+            check_task_model(choice.source, task, f"model {choice.name}", trust)
     if cfg.finetune.soft_targets.teacher not in (None, "teacher"):
         for task in tasks:
             for seed in cfg.finetune.seeds:
-                check_task_model(soft_teacher_path(cfg, task, seed), "soft-target teacher", trust)
+                check_task_model(soft_teacher_path(cfg, task, seed), task, "soft-target teacher", trust)
     # The fine-tuned teacher must exist before the students that learn from it.
     if cfg.finetune.soft_targets.teacher == "teacher":
         choices.sort(key=lambda choice: choice.role != "teacher")
@@ -87,20 +93,23 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
                  cfg.finetune.batch_size, cfg.finetune.batch_size // accelerator.num_processes,
                  accelerator.num_processes)
         scores: dict = {choice.name: {} for choice in choices}
+        problems: dict = {}
         for task in tasks:
-            raw_train = first_rows(task.load_split("train", cfg.task.data_dir), cfg.finetune.max_train_samples)
-            raw_dev = {split: first_rows(task.load_split(split, cfg.task.data_dir), cfg.finetune.max_eval_samples)
-                       for split in task.dev_splits}
+            data = first_rows(task.load(cfg.task, ("train", *task.eval_splits(cfg.task))),
+                              cfg.finetune.max_train_samples, cfg.finetune.max_eval_samples)
+            if data.skipped:
+                problems[task.name] = data.skipped
+                stage.update(data_problems=problems)
             tuned_teachers: dict[int, object] = {}  # seed -> fine-tuned teacher, for soft_targets.teacher=teacher
             for choice in choices:
                 scores[choice.name][task.name] = {}
                 for seed in cfg.finetune.seeds:
                     out = artifacts.FinetuneRun.of(stage.path, choice.name, task.name, seed)
-                    model, metrics = finetune_one(cfg.finetune, task, choice.name, choice.source, seed,
-                                                  epochs_for(cfg, task), raw_train, raw_dev, accelerator, out,
+                    model, metrics = finetune_one(cfg.finetune, cfg.task, task, data, choice.name, choice.source,
+                                                  seed, epochs_for(cfg, task), accelerator, out,
                                                   soft_teacher_for(cfg, task, choice, seed, tuned_teachers), trust)
                     if choice.role == "teacher" and cfg.finetune.soft_targets.teacher == "teacher":
                         tuned_teachers[seed] = model
                     scores[choice.name][task.name][seed] = task.score(metrics)
-        stage.update(models={c.name: c.source for c in choices}, scores=scores)
+        stage.update(models={c.name: c.source for c in choices}, scores=scores, data_problems=problems)
     return scores

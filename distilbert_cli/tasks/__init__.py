@@ -6,19 +6,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from distilbert_cli.errors import UsageError
-from distilbert_cli.tasks import glue
+from distilbert_cli.tasks import glue, squad, text
 from distilbert_cli.tasks.base import Task
 
-FAMILIES = (glue,)
+FAMILIES = (glue, text, squad)
 TASKS: dict[str, Task] = {name: task for family in FAMILIES for name, task in family.TASKS.items()}
+
+
+def _key(name: str) -> str:
+    return str(name).lower().replace("-", "").replace("_", "")
+
+
+_BY_KEY = {_key(name): task for name, task in TASKS.items()}
 
 
 def get_task(name: str) -> Task:
     """The task called `name` ("sst2", "SST-2" and "sst-2" all work), or a UsageError listing the known ones."""
-    key = str(name).lower().replace("-", "").replace("_", "")
-    if key not in TASKS:
+    if _key(name) not in _BY_KEY:
         raise UsageError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
-    return TASKS[key]
+    return _BY_KEY[_key(name)]
 
 
 def get_tasks(names: Sequence[str]) -> list[Task]:

@@ -1,5 +1,6 @@
 """Fine-tuning one model on one task with one seed, and predicting a task's dev splits: the machinery of the
-finetune and evaluation stages, with everything task-specific asked of the `Task`."""
+finetune and evaluation stages, with everything task-specific (head, features, loss, decoding, metrics) asked
+of the `Task`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import inspect
 import json
 import logging
 import time
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -17,19 +18,27 @@ from tqdm.auto import tqdm
 from distilbert_cli.artifacts import FinetuneRun
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models.loading import load_config, load_model, load_tokenizer
-from distilbert_cli.tasks.base import Task
+from distilbert_cli.tasks.base import Task, TaskData
 
 log = logging.getLogger(__name__)
 
 
+# Arguments of a model's forward() that are not inputs of a batch.
+_NOT_INPUTS = ("self", "labels", "start_positions", "end_positions", "kwargs", "inputs_embeds")
+
+
 def forward_inputs(model) -> set[str]:
     """Tensor inputs the model's forward() names (DistilBERT has no token_type_ids, BERT has)."""
-    return {name for name in inspect.signature(model.forward).parameters
-            if name not in ("self", "labels", "kwargs", "inputs_embeds")}
+    return {name for name in inspect.signature(model.forward).parameters if name not in _NOT_INPUTS}
 
 
-def first_rows(dataset, limit: int | None):
-    return dataset if limit is None or limit >= len(dataset) else dataset.select(range(limit))
+def first_rows(data: TaskData, train: int | None, evaluation: int | None) -> TaskData:
+    """Only the first `train` training examples and `evaluation` examples of the other splits (None: all)."""
+    def first(dataset, limit):
+        return dataset if limit is None or limit >= len(dataset) else dataset.select(range(limit))
+
+    return replace(data, splits={split: first(dataset, train if split == "train" else evaluation)
+                                 for split, dataset in data.splits.items()})
 
 
 def make_loader(dataset, tokenizer, batch_size: int, shuffle: bool, seed: int):
@@ -41,88 +50,134 @@ def make_loader(dataset, tokenizer, batch_size: int, shuffle: bool, seed: int):
                       collate_fn=DataCollatorWithPadding(tokenizer))
 
 
+# Pads the outputs of the processes to one width before they are gathered: a very low logit, never a best span.
+_PAD_LOGIT = -1e4
+
+
 @torch.no_grad()
-def predict(task: Task, model, loader, accelerator) -> np.ndarray:
-    """The task's predictions for every row of `loader`, in order, gathered from every process."""
+def predict(task: Task, model, loader, accelerator) -> list[np.ndarray]:
+    """The task outputs of every feature of `loader`, in order, one array per batch, gathered from every process."""
     model.eval()
     accepted = forward_inputs(accelerator.unwrap_model(model))
     outputs = []
     for batch in tqdm(loader, desc="predict", leave=False, disable=not accelerator.is_local_main_process):
-        logits = model(**{k: v for k, v in batch.items() if k in accepted}).logits
-        outputs.append(accelerator.gather_for_metrics(task.predictions(logits)))
-    return torch.cat(outputs).cpu().numpy()
+        output = task.outputs(model(**{k: v for k, v in batch.items() if k in accepted})).float()
+        output = accelerator.pad_across_processes(output, dim=1, pad_index=_PAD_LOGIT)
+        outputs.append(accelerator.gather_for_metrics(output).cpu().numpy())
+    return outputs
 
 
-def evaluate(task: Task, model, tokenizer, dev_splits: dict, batch_size: int, accelerator,
-             predictions_path: Path) -> dict[str, float]:
-    """Predict every encoded dev split, write the predictions (JSON lines), return the flat metrics."""
-    metrics, lines = {}, []
-    for split, dataset in dev_splits.items():
-        loader = accelerator.prepare(make_loader(dataset, tokenizer, batch_size, shuffle=False, seed=0))
-        predictions = predict(task, model, loader, accelerator)
-        labels = np.asarray(dataset["labels"])
-        for name, value in task.compute_metrics(predictions, labels).items():
+def _plain(value):
+    """numpy scalars as Python values, for JSON."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def evaluate(task: Task, model, tokenizer, dev: dict, settings, batch_size: int, accelerator,
+             out: FinetuneRun) -> dict[str, float]:
+    """Predict every dev split ({split: (examples, features)}), write the predictions (JSON lines, and the task's
+    official format if it has one), return the flat metrics."""
+    metrics, lines, official = {}, [], {}
+    accepted = forward_inputs(accelerator.unwrap_model(model))
+    for split, (examples, features) in dev.items():
+        inputs = features.select_columns([name for name in features.column_names if name in accepted])
+        loader = accelerator.prepare(make_loader(inputs, tokenizer, batch_size, shuffle=False, seed=0))
+        predictions = task.decode(predict(task, model, loader, accelerator), features, examples, settings)
+        gold = task.gold(examples)
+        for name, value in task.compute_metrics(predictions, gold).items():
             metrics[task.metric_key(split, name)] = value
-        lines += [json.dumps({"split": split, "index": i, "label": label.item(), "prediction": prediction.item()})
-                  for i, (label, prediction) in enumerate(zip(labels, predictions, strict=True))]
+        ids = task.example_ids(examples) or [None] * len(gold)
+        lines += [json.dumps({"split": split, "index": i, **({"id": id_} if id_ is not None else {}),
+                              "label": _plain(label), "prediction": _plain(prediction)})
+                  for i, (id_, label, prediction) in enumerate(zip(ids, gold, predictions, strict=True))]
+        if (answers := task.official_predictions(examples, predictions)) is not None:
+            official[split] = answers
     if accelerator.is_main_process:
-        predictions_path.write_text("\n".join(lines) + "\n")
+        out.path.mkdir(parents=True, exist_ok=True)
+        out.predictions.write_text("\n".join(lines) + "\n")
+        for split, answers in official.items():
+            out.official_predictions(split).write_text(json.dumps(answers, indent=1, ensure_ascii=False) + "\n")
     return metrics
 
 
-def check_task_model(name_or_path: str, role: str, trust_remote_code: bool):
-    """The checkpoint's config, if transformers can put a sequence-classification head on that architecture."""
-    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+def check_task_model(name_or_path: str, task: Task, role: str, trust_remote_code: bool):
+    """The checkpoint's config, if transformers can put the task's head on that architecture."""
+    import transformers
 
     config = load_config(name_or_path, trust_remote_code=trust_remote_code, role=role)
-    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING and not trust_remote_code:
-        raise UsageError(f"{role} {name_or_path!r} ({config.model_type}) has no sequence-classification "
-                         f"architecture in transformers; pass a BERT-family checkpoint")
+    if type(config) not in getattr(transformers, task.head.mapping) and not trust_remote_code:
+        raise UsageError(f"{role} {name_or_path!r} ({config.model_type}) has no {task.head.words} architecture in "
+                         f"transformers; pass a BERT-family checkpoint")
     return config
 
 
-def load_task_model(source: str, task: Task, trust_remote_code: bool, role: str):
+def load_task_model(source: str, task: Task, label_names, trust_remote_code: bool, role: str):
     """The encoder of `source` with a fresh head sized for `task`; the task's name is saved in its config."""
-    from transformers import AutoModelForSequenceClassification
+    import transformers
 
-    model = load_model(AutoModelForSequenceClassification, source, trust_remote_code=trust_remote_code, role=role,
-                       **task.head_config())
+    model = load_model(getattr(transformers, task.head.auto_class), source, trust_remote_code=trust_remote_code,
+                       role=role, **task.head_config(label_names))
     model.config.finetuning_task = task.name  # saved in config.json: the evaluation stage reads it
     return model
 
 
-def load_soft_teacher(path: str, task: Task, student_config, trust_remote_code: bool):
+def load_finetuned(path: str, task: Task, trust_remote_code: bool, role: str):
+    """A model fine-tuned on `task` (its head as saved)."""
+    import transformers
+
+    return load_model(getattr(transformers, task.head.auto_class), path, trust_remote_code=trust_remote_code,
+                      role=role)
+
+
+def load_soft_teacher(path: str, task: Task, label_names, student_config, trust_remote_code: bool):
     """A model fine-tuned on `task` whose outputs become the student's soft targets."""
-    from transformers import AutoModelForSequenceClassification
+    model = load_finetuned(path, task, trust_remote_code, "soft-target teacher")
+    if task.model_label_names(model.config) != (tuple(label_names) if label_names is not None else None):
+        raise UsageError(f"soft-target teacher {path!r} was fine-tuned on other classes than the student's: "
+                         f"{task.model_label_names(model.config)} vs {label_names}")
+    if model.config.vocab_size != student_config.vocab_size:
+        raise UsageError(f"soft-target teacher {path!r} does not fit the student: vocab {model.config.vocab_size} "
+                         f"vs {student_config.vocab_size}")
+    return model.eval().requires_grad_(False)
 
-    model = load_model(AutoModelForSequenceClassification, path, trust_remote_code=trust_remote_code,
-                       role="soft-target teacher")
-    num_labels = task.head_config()["num_labels"]
-    if model.config.num_labels != num_labels or model.config.vocab_size != student_config.vocab_size:
-        raise UsageError(f"soft-target teacher {path!r} does not fit {task.title}: {model.config.num_labels} labels "
-                         f"and vocab {model.config.vocab_size} vs {num_labels} and {student_config.vocab_size}")
-    return model.eval()
+
+def check_length(model, length: int, setting: str, role: str) -> None:
+    """A model must have a position for every token of the task's inputs."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and length > positions:
+        raise UsageError(f"{setting}={length} exceeds the {positions} positions of {role}")
 
 
-def finetune_one(ft: DictConfig, task: Task, name: str, source: str, seed: int, epochs: int, raw_train,
-                 raw_dev: dict, accelerator, out: FinetuneRun, soft_teacher, trust_remote_code: bool
+def encode_splits(task: Task, data: TaskData, splits, tokenizer, settings, with_types: bool) -> dict:
+    """{split: (examples, evaluation features)} of `splits`."""
+    return {split: (data.splits[split], task.encode(data.splits[split], tokenizer, settings, with_types,
+                                                     training=False)) for split in splits}
+
+
+def finetune_one(ft: DictConfig, settings: DictConfig, task: Task, data: TaskData, name: str, source: str, seed: int,
+                 epochs: int, accelerator, out: FinetuneRun, soft_teacher, trust_remote_code: bool
                  ) -> tuple[object, dict[str, float]]:
-    """Fine-tune `source` on `task` with `seed` (settings `ft`, a finetune config section); write model/,
-    predictions.jsonl and metrics.json into `out`; return the fine-tuned model and its dev metrics.
-    `soft_teacher` (a model, a path or None) gives the "(D)" soft targets."""
+    """Fine-tune `source` on `task` with `seed` (settings `ft`, a finetune config section; `settings`, the task
+    section) on `data` (train and the evaluation splits); write model/, predictions and metrics.json into `out`;
+    return the fine-tuned model and its metrics. `soft_teacher` (a model, a path or None) gives the "(D)" soft
+    targets."""
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
 
     soft = ft.soft_targets
     set_seed(seed)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, role=f"model {name}")
-    model = load_task_model(source, task, trust_remote_code, f"model {name}")
+    model = load_task_model(source, task, data.label_names, trust_remote_code, f"model {name}")
     if isinstance(soft_teacher, str):
-        soft_teacher = load_soft_teacher(soft_teacher, task, model.config, trust_remote_code)
+        soft_teacher = load_soft_teacher(soft_teacher, task, data.label_names, model.config, trust_remote_code)
+    length, setting = task.input_length(settings)
+    for role, checked in ((f"model {name}", model), ("the soft-target teacher", soft_teacher)):
+        if checked is not None:
+            check_length(checked, length, setting, role)
     needed = forward_inputs(model) | (forward_inputs(soft_teacher) if soft_teacher is not None else set())
     with_types = "token_type_ids" in needed
-    train = task.encode(raw_train, tokenizer, ft.max_seq_length, with_types)
-    dev = {split: task.encode(data, tokenizer, ft.max_seq_length, with_types) for split, data in raw_dev.items()}
+    train = task.encode(data.splits["train"], tokenizer, settings, with_types, training=True)
+    dev = encode_splits(task, data, [split for split in data.splits if split != "train"], tokenizer, settings,
+                        with_types)
     per_process_batch = ft.batch_size // accelerator.num_processes
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=ft.learning_rate, weight_decay=ft.weight_decay)
@@ -137,18 +192,19 @@ def finetune_one(ft: DictConfig, task: Task, name: str, source: str, seed: int, 
     teacher_inputs = forward_inputs(accelerator.unwrap_model(soft_teacher)) if soft_teacher is not None else set()
 
     out.path.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     progress = tqdm(total=epochs * len(loader), desc=f"{name} {task.name} seed {seed}",
                     disable=not accelerator.is_local_main_process)
     for _ in range(epochs):
         model.train()
         for batch in loader:
-            logits = model(**{k: v for k, v in batch.items() if k in student_inputs}).logits
-            loss = task.loss(logits, batch["labels"])
+            outputs = task.outputs(model(**{k: v for k, v in batch.items() if k in student_inputs}))
+            loss = task.loss(outputs, batch)
             if soft_teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = soft_teacher(**{k: v for k, v in batch.items() if k in teacher_inputs}).logits
-                loss = soft.alpha_task * loss + soft.alpha_ce * task.soft_target_loss(logits, teacher_logits,
+                    teacher_outputs = task.outputs(soft_teacher(**{k: v for k, v in batch.items()
+                                                                   if k in teacher_inputs}))
+                loss = soft.alpha_task * loss + soft.alpha_ce * task.soft_target_loss(outputs, teacher_outputs,
                                                                                       soft.temperature)
             accelerator.backward(loss)
             if ft.max_grad_norm is not None:
@@ -159,10 +215,10 @@ def finetune_one(ft: DictConfig, task: Task, name: str, source: str, seed: int, 
             progress.update()
             progress.set_postfix(loss=f"{loss.item():.4f}")
     progress.close()
-    train_seconds = time.perf_counter() - started
+    train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
 
     started = time.perf_counter()
-    metrics = evaluate(task, model, tokenizer, dev, per_process_batch, accelerator, out.predictions)
+    metrics = evaluate(task, model, tokenizer, dev, settings, per_process_batch, accelerator, out)
     eval_seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
@@ -172,8 +228,10 @@ def finetune_one(ft: DictConfig, task: Task, name: str, source: str, seed: int, 
             tokenizer.save_pretrained(out.model)
         summary = {"model": name, "source": source, "task": task.name, "seed": seed,
                    "metrics": metrics, "score": task.score(metrics), "epochs": epochs,
-                   "train_examples": len(train), "dev_examples": {s: len(d) for s, d in dev.items()},
+                   "train_examples": len(data.splits["train"]), "train_features": len(train),
+                   "dev_examples": {split: len(examples) for split, (examples, _) in dev.items()},
                    "soft_targets": soft_teacher is not None, "train_seconds": round(train_seconds, 2),
+                   "train_cpu_seconds": round(train_cpu_seconds, 2),
                    "eval_seconds": round(eval_seconds, 2)}
         out.metrics.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%s %s seed %d: %s (train %.1fs, eval %.1fs)", name, task.name, seed,

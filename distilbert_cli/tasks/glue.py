@@ -2,7 +2,7 @@
 
 Every split comes back with the same columns whatever its source: `sentence1`, `sentence2` (pair tasks
 only) and `label` (int class id in the hub's label order, or the float similarity score for STS-B).
-Metrics follow GLUE and are reported on its 0-100 scale, computed with scikit-learn and scipy.
+Metrics follow GLUE and are reported on its 0-100 scale (the sequence-classification scorers of tasks.base).
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
-
 from distilbert_cli.errors import UsageError
-from distilbert_cli.tasks.base import Published, SequenceClassificationTask
+from distilbert_cli.tasks.base import Published, SequenceClassificationTask, TaskData
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +29,14 @@ _STSB_RANGE = (0.0, 5.0)
 # The paper's Table 1 (GLUE dev, median of 5 seeds).
 PUBLISHED = Published(
     "GLUE dev (the paper's Table 1)", "Sanh et al. 2019, Table 1 (published)", {
-    "BERT-base": {"score": 79.5, "cola": 56.3, "mnli": 86.7, "mrpc": 88.6, "qnli": 91.8, "qqp": 89.6,
-                  "rte": 69.3, "sst2": 92.7, "stsb": 89.0, "wnli": 53.5},
-    "DistilBERT": {"score": 77.0, "cola": 51.3, "mnli": 82.2, "mrpc": 87.5, "qnli": 89.2, "qqp": 88.5,
-                   "rte": 59.9, "sst2": 91.3, "stsb": 86.9, "wnli": 56.3},
+    "BERT-base": {"cola": 56.3, "mnli": 86.7, "mrpc": 88.6, "qnli": 91.8, "qqp": 89.6, "rte": 69.3, "sst2": 92.7,
+                  "stsb": 89.0, "wnli": 53.5},
+    "DistilBERT": {"cola": 51.3, "mnli": 82.2, "mrpc": 87.5, "qnli": 89.2, "qqp": 88.5, "rte": 59.9, "sst2": 91.3,
+                   "stsb": 86.9, "wnli": 56.3},
     }, teacher="BERT-base", student="DistilBERT",
     score_note="A task score is the median over seeds of its GLUE metric (MRPC, QQP: mean of F1 and accuracy; "
-               "STS-B: of Pearson and Spearman; MNLI: of matched and mismatched accuracy).")
+               "STS-B: of Pearson and Spearman; MNLI: of matched and mismatched accuracy).",
+    own_scores={"BERT-base": 79.5, "DistilBERT": 77.0})
 
 
 @dataclass(frozen=True)
@@ -54,22 +53,27 @@ class GlueTask(SequenceClassificationTask):
     metrics: tuple[str, ...]
     dev_splits: tuple[str, ...] = ("dev",)
 
-    family: ClassVar[str] = "glue"
     published: ClassVar[Published] = PUBLISHED
 
     @property
     def is_pair(self) -> bool:
         return len(self.hub_text_columns) == 2
 
+    @property
+    def is_regression(self) -> bool:
+        return self.label_names is None
+
     def tsv_path(self, split: str, data_dir: str | Path) -> Path:
         return Path(data_dir).expanduser() / self.tsv_dir / f"{split}.tsv"
 
-    @property
-    def layout(self) -> str:
+    def layout(self, settings) -> str:
         return f"expected the GLUE layout <data_dir>/{self.tsv_dir}/<split>.tsv"
 
-    def local_files(self, data_dir: str, splits: Sequence[str]) -> list[Path]:
-        return [self.tsv_path(split, data_dir) for split in splits]
+    def local_files(self, settings, splits: Sequence[str]) -> dict[str, Path]:
+        return {} if settings.data_dir is None else {split: self.tsv_path(split, settings.data_dir) for split in splits}
+
+    def load(self, settings, splits: Sequence[str], label_names: Sequence[str] | None = None) -> TaskData:
+        return TaskData({split: self.load_split(split, settings.data_dir) for split in splits}, self.label_names)
 
     def load_split(self, split: str, data_dir: str | None):
         """`data_dir` None reads the Hugging Face `glue` dataset; a directory reads `<data_dir>/<TASK>/<split>.tsv`."""
@@ -79,25 +83,9 @@ class GlueTask(SequenceClassificationTask):
             return _load_hub_split(self, split)
         return _load_tsv_split(self, self.tsv_path(split, data_dir))
 
-    def describe_data(self, data_dir: str | None) -> str:
-        return f"Hugging Face `{HUB_DATASET}`" if data_dir is None else f"GLUE-layout TSV files in `{data_dir}`"
-
-    def compute_metrics(self, predictions: Sequence, labels: Sequence) -> dict[str, float]:
-        """The task's GLUE metrics on one split, in percent: class ids (or scores for STS-B) vs gold labels."""
-        from scipy.stats import pearsonr, spearmanr
-        from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
-        predictions, labels = np.asarray(predictions), np.asarray(labels)
-        if predictions.shape != labels.shape or predictions.size == 0:
-            raise ValueError(f"{self.title}: {predictions.shape} predictions for {labels.shape} labels")
-        scorers = {
-            "accuracy": lambda: accuracy_score(labels, predictions),
-            "f1": lambda: f1_score(labels, predictions),
-            "matthews_correlation": lambda: matthews_corrcoef(labels, predictions),
-            "pearson": lambda: pearsonr(predictions, labels)[0],
-            "spearman": lambda: spearmanr(predictions, labels)[0],
-        }
-        return {metric: 100.0 * float(scorers[metric]()) for metric in self.metrics}
+    def describe_data(self, settings) -> str:
+        return (f"Hugging Face `{HUB_DATASET}`" if settings.data_dir is None
+                else f"GLUE-layout TSV files in `{settings.data_dir}`")
 
 
 _BINARY = ("0", "1")

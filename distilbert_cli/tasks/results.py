@@ -1,6 +1,7 @@
 """Scores of fine-tuned runs: per-seed metrics from the dev predictions finetune saved, medians over seeds, the
-student's retention of the teacher's score, a paired bootstrap of two models' difference, and the results table
-of each task family beside its published rows."""
+student's retention of the teacher's score, a paired bootstrap of two models' difference, and the results tables
+(the tasks of one published table together: GLUE's Table 1, IMDb and SQuAD's Table 2, your own data) beside
+the published rows."""
 
 from __future__ import annotations
 
@@ -14,9 +15,20 @@ from tqdm.auto import tqdm
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
 from distilbert_cli.tasks import get_task
-from distilbert_cli.tasks.base import Task
+from distilbert_cli.tasks.base import Published, Task
 
 OUR_ROWS = {"student": "student (ours)", "teacher": "teacher (ours)"}
+
+
+def as_array(values: list) -> np.ndarray:
+    """Numbers as a numeric array; texts and lists of texts (SQuAD's answers, as tuples) as an object array, so
+    that resampling indexes examples, not characters."""
+    if all(isinstance(value, int | float) for value in values):
+        return np.asarray(values)
+    array = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        array[i] = tuple(value) if isinstance(value, list) else value
+    return array
 
 
 def read_predictions(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -26,12 +38,12 @@ def read_predictions(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         predictions, labels = by_split.setdefault(row["split"], ([], []))
         predictions.append(row["prediction"])
         labels.append(row["label"])
-    return {split: (np.asarray(p), np.asarray(y)) for split, (p, y) in by_split.items()}
+    return {split: (as_array(p), as_array(y)) for split, (p, y) in by_split.items()}
 
 
 def split_metrics(task: Task, by_split: dict, where: Path) -> dict[str, float]:
     """Flat metrics of one run from its {split: (predictions, labels)}."""
-    if sorted(by_split) != sorted(task.dev_splits):
+    if not set(task.dev_splits) <= set(by_split):
         raise UsageError(f"{where}: predictions cover splits {sorted(by_split)}, {task.title} needs "
                          f"{list(task.dev_splits)}")
     return {task.metric_key(split, name): value
@@ -60,8 +72,10 @@ def collect_finetuned(finetune_dir: Path, tasks: Sequence[Task]) -> list[dict]:
                 "metrics": split_metrics(run["task"], run["by_split"], run["where"])}
                for run in finetuned_runs(finetune_dir, tasks)]
     if not records:
+        found = sorted({path.parent.name for path in finetune_dir.glob("*/*/seed-*")})
         raise UsageError(f"no fine-tuned runs for {[t.name for t in tasks]} under {finetune_dir} "
-                         f"(run `distil finetune` with those task.names first)")
+                         + (f"(it has {found}: pass those task.names)" if found else
+                            "(run `distil finetune` with those task.names first)"))
     return records
 
 
@@ -82,16 +96,37 @@ def summarize(records: list[dict]) -> dict:
     return summary
 
 
-def retention(summary: dict) -> dict | None:
-    """Student score / teacher score on the tasks both were fine-tuned on, in percent (the paper: 97%)."""
+def retention(summary: dict, tasks: Sequence[str] | None = None) -> dict | None:
+    """Student score / teacher score on the tasks (of `tasks`, default all) both were fine-tuned on, in percent
+    (the paper: 97% on GLUE); None without both, or for a teacher score of 0."""
     if "student" not in summary or "teacher" not in summary:
         return None
-    common = sorted(set(summary["student"]["tasks"]) & set(summary["teacher"]["tasks"]))
+    common = set(summary["student"]["tasks"]) & set(summary["teacher"]["tasks"])
+    common = sorted(common if tasks is None else common & set(tasks))
     if not common:
         return None
     student, teacher = ([summary[m]["tasks"][t]["score"] for t in common] for m in ("student", "teacher"))
+    if np.mean(teacher) == 0:
+        return None
     return {"tasks": common, "student": float(np.mean(student)), "teacher": float(np.mean(teacher)),
             "percent": float(100 * np.mean(student) / np.mean(teacher))}
+
+
+def published_retention(published: Published, tasks: Sequence[str]) -> float | None:
+    """The paper's student / teacher score on the same tasks, in percent, if its rows have them all."""
+    rows = [published.rows.get(model or "", {}) for model in (published.student, published.teacher)]
+    if not all(task in row for row in rows for task in tasks):
+        return None
+    student, teacher = ([float(np.mean(row[task])) for task in tasks] for row in rows)
+    return float(100 * np.mean(student) / np.mean(teacher))
+
+
+def by_table(tasks: Sequence[Task]) -> dict[str, list[Task]]:
+    """The tasks of each published table, tables in the order of their first task."""
+    tables: dict[str, list[Task]] = {}
+    for task in tasks:
+        tables.setdefault(task.published.title, []).append(task)
+    return tables
 
 
 def paired_bootstrap(ours: list[dict], theirs: list[dict], resamples: int, seed: int) -> dict | None:
@@ -135,47 +170,52 @@ def paired_bootstrap(ours: list[dict], theirs: list[dict], resamples: int, seed:
             "dev_examples": int(sum(len(values) for values in gold.values()))}
 
 
-def _cell(value: float | None) -> str:
-    return "–" if value is None else f"{value:.1f}"
+def _cell(values: Sequence[float] | None, published: bool = False) -> str:
+    """One cell: "–" when absent, "77.7/85.8" for several metrics; published figures as printed in the paper."""
+    if values is None:
+        return "–"
+    return "/".join(f"{value:g}" if published else f"{value:.1f}" for value in np.atleast_1d(values))
 
 
-def render_markdown(summary: dict, kept: dict | None, tasks: Sequence[Task], data: str, notes: list[str]) -> str:
-    """Our rows beside the published ones, one table per task family, then every metric."""
-    lines = ["# Downstream results (dev)", "", f"Data: {data}.", *(f"Note: {note}" for note in notes)]
+def render_markdown(summary: dict, kept: dict, tasks: Sequence[Task], data: str, notes: list[str],
+                    soft_targets: bool = False) -> str:
+    """Our rows beside the published ones, one table per published table (with its retention, `kept` by table
+    title), then every metric. With `soft_targets` the student's row is the "(D)" one."""
+    lines = ["# Downstream results", "", f"Data: {data}.", *(f"Note: {note}" for note in notes)]
     ours = sorted(summary, key=lambda m: (list(OUR_ROWS).index(m) if m in OUR_ROWS else len(OUR_ROWS), m))
-    families = {}
-    for task in tasks:
-        families.setdefault(task.family, []).append(task)
-    for columns in families.values():
+    names = {**OUR_ROWS, **({"student": "student (D) (ours)"} if soft_targets else {})}
+    for title, columns in by_table(tasks).items():
         published = columns[0].published
-        header = ["Model", "Score", *(task.title for task in columns)]
-        lines += ["", f"## {published.title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        averaged = published.own_scores is not None
+        header = ["Model", *(["Score"] if averaged else []), *(task.heading for task in columns)]
+        lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for model in ours:
-            scores = summary[model]["tasks"]
-            cells = [_cell(scores[t.name]["score"] if t.name in scores else None) for t in columns]
-            mean = [scores[t.name]["score"] for t in columns if t.name in scores]
-            lines.append(f"| {OUR_ROWS.get(model, model)} | {_cell(float(np.mean(mean)) if mean else None)} | "
-                         + " | ".join(cells) + " |")
+            rows = summary[model]["tasks"]
+            cells = [_cell(t.table_cell(rows[t.name]["metrics"]) if t.name in rows else None) for t in columns]
+            scores = [rows[t.name]["score"] for t in columns if t.name in rows]
+            score = [_cell(float(np.mean(scores)) if scores else None)] if averaged else []
+            lines.append("| " + " | ".join([names.get(model, model), *score, *cells]) + " |")
         for name, row in published.rows.items():
-            score = float(np.mean([row[t.name] for t in columns]))
-            lines.append(f"| {name} (published) | {_cell(score)} | " + " | ".join(_cell(row[t.name]) for t in columns)
-                         + " |")
-        lines += ["", f"Score: the mean of the row's task scores. {published.score_note} Published rows: "
-                  f"{published.source}; their own scores are "
-                  + " and ".join(f"{name} {row['score']}" for name, row in published.rows.items()) + "."]
-    if kept is not None:
-        paper = ""
-        if len({get_task(name).family for name in kept["tasks"]}) == 1:
-            published = get_task(kept["tasks"][0]).published
-            rows = published.rows
-            paper = f"; the paper: {100 * rows[published.student]['score'] / rows[published.teacher]['score']:.1f}%"
-        lines += ["", f"Retention (student / teacher on {', '.join(kept['tasks'])}): {kept['percent']:.1f}% "
-                  f"({kept['student']:.1f} / {kept['teacher']:.1f}){paper}."]
+            complete = all(t.name in row for t in columns)
+            score = [_cell(float(np.mean([np.mean(row[t.name]) for t in columns])) if complete else None)
+                     ] if averaged else []
+            cells = [_cell(row.get(t.name), published=True) for t in columns]
+            lines.append("| " + " | ".join([f"{name} (published)", *score, *cells]) + " |")
+        own = (" Their own scores are " + " and ".join(f"{name} {value}" for name, value in
+                                                        published.own_scores.items()) + ".") if averaged else ""
+        score_line = "Score: the mean of the row's task scores. " if averaged else ""
+        source = f" Published rows: {published.source}.{own}" if published.rows else ""
+        lines += ["", f"{score_line}{published.score_note}{source}"]
+        if (table_kept := kept.get(title)) is not None:
+            paper = published_retention(published, table_kept["tasks"])
+            lines += ["", f"Retention (student / teacher on {', '.join(table_kept['tasks'])}): "
+                      f"{table_kept['percent']:.1f}% ({table_kept['student']:.1f} / {table_kept['teacher']:.1f})"
+                      + (f"; the paper on the same tasks: {paper:.1f}%." if paper is not None else ".")]
     lines += ["", "## Every metric (median over seeds)", "", "| Model | Task | Seeds | Metrics |", "|---|---|---|---|"]
     for model in ours:
         for task in tasks:
             if (row := summary[model]["tasks"].get(task.name)) is not None:
                 metrics = ", ".join(f"{key} {value:.2f}" for key, value in row["metrics"].items())
                 seeds = ", ".join(str(seed) for seed in row["seeds"] if seed is not None) or "–"
-                lines.append(f"| {OUR_ROWS.get(model, model)} | {task.title} | {seeds} | {metrics} |")
+                lines.append(f"| {names.get(model, model)} | {task.title} | {seeds} | {metrics} |")
     return "\n".join(lines) + "\n"

@@ -1,11 +1,13 @@
-"""finetune and evaluate: epochs per task, bad inputs (exit 2), and a tiny end-to-end on real RTE rows."""
+"""finetune and evaluate: epochs per task, bad inputs and bad data (exit 2), and tiny end-to-end runs of each task
+kind: GLUE RTE, SQuAD with soft targets (Table 2), IMDb and your own CSV, your own pair regression with soft
+targets."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from builders import GLUE_DIR, build_tiny_bert, build_tiny_distilbert
+from builders import GLUE_DIR, REVIEWS_DIR, SQUAD_DIR, build_tiny_bert, build_tiny_distilbert
 from typer.testing import CliRunner
 
 from distilbert_cli.cli import app
@@ -13,16 +15,16 @@ from distilbert_cli.config import compose_config
 from distilbert_cli.models.run_models import ModelChoice, resolve_models
 from distilbert_cli.rundir import open_stage, read_manifest
 from distilbert_cli.stages import evaluate, finetune
-from distilbert_cli.tasks import TASKS, get_task
+from distilbert_cli.tasks import get_task, glue
 
 runner = CliRunner()
 
 
 def test_run_glue_epochs_five_for_mrpc_and_wnli_three_otherwise():
     cfg = compose_config("finetune")
-    assert {name: finetune.epochs_for(cfg, task) for name, task in TASKS.items()} == {
+    assert {name: finetune.epochs_for(cfg, glue.TASKS[name]) for name in glue.TASKS} == {
         "cola": 3, "sst2": 3, "mrpc": 5, "stsb": 3, "qqp": 3, "mnli": 3, "qnli": 3, "rte": 3, "wnli": 5}
-    assert finetune.epochs_for(compose_config("finetune", ["finetune.long_tasks=[MRPC]"]), TASKS["mrpc"]) == 5
+    assert finetune.epochs_for(compose_config("finetune", ["finetune.long_tasks=[MRPC]"]), glue.TASKS["mrpc"]) == 5
 
 
 # ---- bad input: one line, exit 2 ----------------------------------------------------------------
@@ -98,6 +100,12 @@ def test_a_model_directory_named_student_is_not_taken_for_the_runs_student(tmp_p
     ("finetune", ["finetune.long_tasks=[mrpc,qnli2]"], "unknown task 'qnli2'"),
     ("finetune", ["finetune.soft_targets.teacher=teacher"], "needs teacher in finetune.models"),
     ("evaluate", [], "input stage finetune not found"),
+    ("finetune", ["task=squad", "task.qa.max_query_length=400"], "task.qa.max_query_length=400 leaves no room"),
+    ("finetune", ["task.truncation=middle"], "task.truncation='middle': input should be 'head' or 'head_tail'"),
+    ("evaluate", ["task.truncation=head_tail", "task.head_tokens=128"], "leaves no room for the tail"),
+    ("finetune", ["task.data.label_names=[a,a]"], "must not name an entry twice"),
+    ("finetune", ["task=squad_v3"], "Could not find 'task/squad_v3'"),
+    ("finetune", ["task.names=[squad,imbd]"], "unknown task 'imbd'"),
 ])
 def test_missing_inputs_and_impossible_values_exit_2(tmp_path, command, overrides, message):
     code, output = _invoke(command, *overrides, f"run_dir={tmp_path}")
@@ -120,7 +128,7 @@ def test_finetune_student_and_teacher_with_soft_targets_then_evaluate(tmp_path, 
     cfg = compose_config("finetune", [
         f"run_dir={run_dir}", "task.names=[rte]", f"task.data_dir={GLUE_DIR}", "finetune.models=[student,teacher]",
         "finetune.seeds=[3]", "finetune.epochs=1", "finetune.max_train_samples=96", "finetune.max_eval_samples=48",
-        "finetune.max_seq_length=64", "finetune.learning_rate=1e-3", "finetune.soft_targets.teacher=teacher"])
+        "task.max_seq_length=64", "finetune.learning_rate=1e-3", "finetune.soft_targets.teacher=teacher"])
     scores = finetune.run(cfg)
     assert set(scores) == {"student", "teacher"} and set(scores["student"]["rte"]) == {3}
 
@@ -142,12 +150,12 @@ def test_finetune_student_and_teacher_with_soft_targets_then_evaluate(tmp_path, 
     results = evaluate.run(compose_config("evaluate", [f"run_dir={run_dir}", "eval.note=a tiny smoke run"]))
     table = (run_dir / "evaluate" / "results.md").read_text()
     rows = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines() if line.startswith("| ")][1:]
-    assert rows[:4] == ["student (ours)", "teacher (ours)", "BERT-base (published)", "DistilBERT (published)"]
+    assert rows[:4] == ["student (D) (ours)", "teacher (ours)", "BERT-base (published)", "DistilBERT (published)"]
     assert "| BERT-base (published) | 69.3 | 69.3 |" in table and "Note: a tiny smoke run" in table
     assert "finetune.max_train_samples=96 (not the full split)" in table
     student, teacher = results["models"]["student"]["score"], results["models"]["teacher"]["score"]
     assert student == pytest.approx(scores["student"]["rte"][3])
-    assert results["retention"]["percent"] == pytest.approx(100 * student / teacher)
+    assert results["retention"]["GLUE dev (the paper's Table 1)"]["percent"] == pytest.approx(100 * student / teacher)
     assert f"{100 * student / teacher:.1f}%" in table
 
     # An already fine-tuned model directory alone: the task comes from its config.
@@ -156,3 +164,162 @@ def test_finetune_student_and_teacher_with_soft_targets_then_evaluate(tmp_path, 
         f"eval.model_dirs=[{seed_dir / 'model'}]"]))
     (row,) = alone["models"].values()
     assert row["tasks"]["rte"]["metrics"] == pytest.approx(summary["metrics"])
+
+
+# ---- beyond GLUE: SQuAD (with "(D)"), IMDb, your own data ---------------------------------------------------------
+
+SQUAD_SMALL = [f"task.data_dir={SQUAD_DIR}", "task.qa.max_seq_length=96", "task.qa.doc_stride=48",
+               "task.qa.max_query_length=24"]
+TINY_RUN = ["finetune.seeds=[3]", "finetune.epochs=1", "finetune.batch_size=16", "finetune.learning_rate=1e-3"]
+
+
+def _table_rows(table: str, heading: str) -> list[str]:
+    """The rows of the markdown table under `heading`."""
+    section = table.split(f"## {heading}\n\n", 1)[1].split("\n\n", 1)[0]
+    return section.splitlines()[2:]
+
+
+@pytest.mark.slow
+def test_squad_with_soft_targets_then_evaluate_writes_table_2(tmp_path, tiny_models):
+    run_dir = tmp_path / "run"
+    _fake_upstream_stages(run_dir, tiny_models)
+    scores = finetune.run(compose_config("finetune", [
+        f"run_dir={run_dir}", "task=squad", *SQUAD_SMALL, *TINY_RUN, "finetune.models=[student,teacher]",
+        "finetune.soft_targets.teacher=teacher"]))
+    assert set(scores) == {"student", "teacher"}
+
+    seed_dir = run_dir / "finetune" / "student" / "squad" / "seed-3"
+    summary = json.loads((seed_dir / "metrics.json").read_text())
+    assert summary["soft_targets"] and summary["train_examples"] == 8 and summary["train_features"] > 8
+    assert summary["dev_examples"] == {"dev": 8} and set(summary["metrics"]) == {"exact_match", "f1"}
+    # The official format: {question id: answer text}, which an official evaluator re-scores to the same numbers.
+    official = json.loads((seed_dir / "predictions-dev.json").read_text())
+    dev = get_task("squad").load(compose_config("finetune", ["task=squad", *SQUAD_SMALL]).task, ("dev",))
+    dev = dev.splits["dev"]
+    assert sorted(official) == sorted(dev["id"]) and all(isinstance(text, str) for text in official.values())
+    rescored = get_task("squad").compute_metrics([official[i] for i in dev["id"]], dev["answers"])
+    assert rescored == pytest.approx(summary["metrics"])
+    rows = [json.loads(line) for line in (seed_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in rows] == dev["id"] and rows[1]["label"] == dev[1]["answers"]
+    saved = json.loads((seed_dir / "model" / "config.json").read_text())
+    assert saved["architectures"] == ["DistilBertForQuestionAnswering"] and saved["finetuning_task"] == "squad"
+
+    results = evaluate.run(compose_config("evaluate", [f"run_dir={run_dir}", "task=squad"]))
+    table = (run_dir / "evaluate" / "results.md").read_text()
+    student = results["models"]["student"]["tasks"]["squad"]["metrics"]
+    assert _table_rows(table, "IMDb and SQuAD (the paper's Table 2)") == [
+        f"| student (D) (ours) | {student['exact_match']:.1f}/{student['f1']:.1f} |",
+        "| teacher (ours) | {exact_match:.1f}/{f1:.1f} |".format(**results["models"]["teacher"]["tasks"]["squad"]
+                                                               ["metrics"]),
+        "| BERT-base (published) | 81.2/88.5 |", "| DistilBERT (published) | 77.7/85.8 |",
+        "| DistilBERT (D) (published) | 79.1/86.9 |"]
+    assert "| Model | SQuAD v1.1 (EM/F1) |" in table
+    teacher = results["models"]["teacher"]["tasks"]["squad"]["score"]
+    assert ("the paper on the same tasks: 96.3%" in table) == (teacher > 0)  # no retention of a zero score
+    assert "(D): every model but the teacher learned from the soft targets of the fine-tuned 'teacher'" in table
+    assert "windows of 96 tokens every 48 context tokens" in table
+
+    # The saved model alone, through eval.model_dirs: the same questions, the same scores.
+    alone = evaluate.run(compose_config("evaluate", [f"run_dir={tmp_path / 'alone'}", "task=squad", *SQUAD_SMALL,
+                                                     f"eval.model_dirs=[{seed_dir / 'model'}]"]))
+    (row,) = alone["models"].values()
+    assert row["tasks"]["squad"]["metrics"] == pytest.approx(summary["metrics"])
+    assert (tmp_path / "alone" / "evaluate" / "model-0" / "predictions-dev.json").is_file()
+
+
+def test_squad_v2_null_threshold_decides_the_empty_answers(tmp_path):
+    from transformers import BertForQuestionAnswering
+
+    model_dir = build_tiny_bert(tmp_path / "qa", num_layers=1)
+    model = BertForQuestionAnswering.from_pretrained(model_dir)
+    model.config.finetuning_task = "squad_v2"
+    model.save_pretrained(model_dir)
+    scored = {}
+    for threshold in (-1e4, 1e4):  # always no answer; never
+        results = evaluate.run(compose_config("evaluate", [
+            f"run_dir={tmp_path / str(threshold)}", "task=squad_v2", *SQUAD_SMALL, f"eval.model_dirs=[{model_dir}]",
+            f"task.qa.null_score_diff_threshold={threshold}"]))
+        (row,) = results["models"].values()
+        scored[threshold] = row["tasks"]["squad_v2"]["metrics"]
+        answers = json.loads((tmp_path / str(threshold) / "evaluate" / "model-0" / "predictions-dev.json").read_text())
+        assert len(answers) == 14 and (all(a == "" for a in answers.values()) == (threshold < 0))
+    assert scored[-1e4] == {"exact_match": pytest.approx(100 * 6 / 14), "f1": pytest.approx(100 * 6 / 14)}
+    assert scored[1e4]["exact_match"] < 100 * 6 / 14  # the 6 questions without an answer are answered
+
+
+@pytest.mark.slow
+def test_imdb_and_your_own_csv_then_evaluate(tmp_path, tiny_models):
+    run_dir = tmp_path / "run"
+    _fake_upstream_stages(run_dir, tiny_models)
+    finetune.run(compose_config("finetune", [
+        f"run_dir={run_dir}", "task.names=[imdb,text_classification]", f"task.data_dir={REVIEWS_DIR}",
+        f"task.data.train={REVIEWS_DIR / 'train.csv'}", f"task.data.validation={REVIEWS_DIR / 'test.csv'}",
+        "task.max_seq_length=48", "task.truncation=head_tail", "task.head_tokens=16", *TINY_RUN]))
+    ft_dir = run_dir / "finetune" / "student"
+    saved = json.loads((ft_dir / "text_classification" / "seed-3" / "model" / "config.json").read_text())
+    assert saved["id2label"] == {"0": "neg", "1": "pos"} and saved["finetuning_task"] == "text_classification"
+    imdb = json.loads((ft_dir / "imdb" / "seed-3" / "metrics.json").read_text())
+    assert imdb["train_examples"] == 24 and imdb["dev_examples"] == {"test": 12} and set(imdb["metrics"]) == {
+        "accuracy"}
+
+    results = evaluate.run(compose_config("evaluate", [f"run_dir={run_dir}",
+                                                       "task.names=[imdb,text_classification]"]))
+    table = (run_dir / "evaluate" / "results.md").read_text()
+    accuracy = results["models"]["student"]["tasks"]["imdb"]["metrics"]["accuracy"]
+    assert _table_rows(table, "IMDb and SQuAD (the paper's Table 2)") == [
+        f"| student (ours) | {accuracy:.1f} |", "| BERT-base (published) | 93.46 |",
+        "| DistilBERT (published) | 92.82 |", "| DistilBERT (D) (published) | – |"]
+    own = results["models"]["student"]["tasks"]["text_classification"]["metrics"]
+    score = (own["accuracy"] + own["macro_f1"]) / 2
+    assert _table_rows(table, "Your own data") == [f"| student (ours) | {score:.1f} |"]
+    assert "IMDb, text classification: inputs cut to 48 tokens; truncation head+tail (the first 16 tokens" in table
+
+
+@pytest.mark.slow
+def test_your_own_pair_regression_with_soft_targets(tmp_path, tiny_models):
+    stsb = GLUE_DIR / "STS-B"
+    run_dir = tmp_path / "run"
+    _fake_upstream_stages(run_dir, tiny_models)
+    finetune.run(compose_config("finetune", [
+        f"run_dir={run_dir}", "task=text_regression", f"task.data.train={stsb / 'train.tsv'}",
+        f"task.data.validation={stsb / 'dev.tsv'}", "task.data.text_field=sentence1",
+        "task.data.text_pair_field=sentence2", "task.data.label_field=score", "task.max_seq_length=64",
+        "finetune.max_train_samples=48", *TINY_RUN, "finetune.models=[student,teacher]",
+        "finetune.soft_targets.teacher=teacher"]))
+    summary = json.loads((run_dir / "finetune" / "student" / "text_regression" / "seed-3" / "metrics.json").read_text())
+    assert summary["soft_targets"] and set(summary["metrics"]) == {"pearson", "spearman"}
+    results = evaluate.run(compose_config("evaluate", [f"run_dir={run_dir}", "task=text_regression"]))
+    assert results["retention"]["Your own data"]["tasks"] == ["text_regression"]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["task=text_classification", f"task.data.train={REVIEWS_DIR / 'train.csv'}",
+      f"task.data.validation={REVIEWS_DIR / 'test.csv'}", "task.data.label_field=stars"], "has no field 'stars'"),
+    (["task=text_classification", f"task.data.train={REVIEWS_DIR / 'train.csv'}", "task.data.validation=DEV"],
+     "label 'meh' (row 1) is not one of the classes ['neg', 'pos']"),
+    (["task=text_classification", f"task.data.train={REVIEWS_DIR / 'train.csv'}", "task.data.validation=EMPTY"],
+     "empty.csv is empty"),
+    (["task=squad", "task.data_dir=BAD_SQUAD"], "is not in the SQuAD JSON layout"),
+])
+def test_bad_data_exits_2_and_leaves_no_complete_stage(tmp_path, tiny_models, overrides, message):
+    (tmp_path / "dev.csv").write_text("text,label\nso so,meh\n")
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    (tmp_path / "squad").mkdir()
+    for name in ("train-v1.1.json", "dev-v1.1.json"):
+        (tmp_path / "squad" / name).write_text('{"data": [{"paragraphs": [{"qas": []}]}]}')
+    overrides = [o.replace("DEV", str(tmp_path / "dev.csv")).replace("EMPTY", str(tmp_path / "empty.csv"))
+                 .replace("BAD_SQUAD", str(tmp_path / "squad")) for o in overrides]
+    code, output = _invoke("finetune", *overrides, f"finetune.models=[{tiny_models['student']}]",
+                           f"run_dir={tmp_path / 'run'}")
+    last = output.strip().splitlines()[-1]  # (the runner also shows earlier tests' log handlers failing)
+    assert code == 2 and last.startswith("error: ") and message in last, output
+    assert read_manifest(tmp_path / "run" / "finetune")["status"] == "failed"
+
+
+def test_a_model_without_a_question_answering_head_exits_2(tmp_path):
+    from transformers import ViTConfig
+
+    ViTConfig().save_pretrained(tmp_path / "vit")
+    code, output = _invoke("finetune", "task=squad", f"task.data_dir={SQUAD_DIR}",
+                           f"finetune.models=[{tmp_path / 'vit'}]", f"run_dir={tmp_path / 'run'}")
+    assert code == 2 and "has no question-answering architecture" in output

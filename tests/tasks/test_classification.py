@@ -9,6 +9,7 @@ import pytest
 import torch
 from builders import GLUE_DIR, build_tiny_bert, build_tiny_distilbert
 
+from distilbert_cli.config import compose_config
 from distilbert_cli.tasks import get_task
 from distilbert_cli.tasks.finetuning import forward_inputs, load_task_model
 
@@ -16,10 +17,9 @@ RTE, STSB = get_task("rte"), get_task("stsb")
 
 
 def test_task_loss_by_hand():
-    assert RTE.loss(torch.zeros(1, 2), torch.tensor([0])).item() == pytest.approx(
-        math.log(2))
+    assert RTE.loss(torch.zeros(1, 2), {"labels": torch.tensor([0])}).item() == pytest.approx(math.log(2))
     # squared errors 1 and 4 -> mean 2.5
-    assert STSB.loss(torch.tensor([[1.0], [3.0]]), torch.tensor([0.0, 1.0])).item() == 2.5
+    assert STSB.loss(torch.tensor([[1.0], [3.0]]), {"labels": torch.tensor([0.0, 1.0])}).item() == 2.5
 
 
 def test_fine_tuning_distillation_loss_by_hand():
@@ -39,12 +39,14 @@ def test_fine_tuning_distillation_loss_by_hand():
 def test_distilbert_gets_no_token_type_ids(tmp_path):
     teacher = build_tiny_bert(tmp_path / "teacher", num_layers=1)
     student = build_tiny_distilbert(tmp_path / "student", teacher, num_layers=2)
-    model = load_task_model(str(student), RTE, False, "student")
+    model = load_task_model(str(student), RTE, RTE.label_names, False, "student")
     assert "token_type_ids" not in forward_inputs(model)
     assert model.config.finetuning_task == "rte" and model.config.num_labels == 2
     from transformers import AutoTokenizer
 
     data = RTE.load_split("dev", str(GLUE_DIR)).select(range(4))
-    encoded = RTE.encode(data, AutoTokenizer.from_pretrained(student), 16, with_token_type_ids=False)
+    settings = compose_config("finetune", ["task.max_seq_length=16"]).task
+    encoded = RTE.encode(data, AutoTokenizer.from_pretrained(student), settings, with_token_type_ids=False,
+                         training=True)
     assert sorted(encoded.column_names) == ["attention_mask", "input_ids", "labels"]
     assert max(len(ids) for ids in encoded["input_ids"]) == 16  # truncated, and not padded here

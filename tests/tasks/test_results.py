@@ -66,3 +66,42 @@ def test_paired_bootstrap_needs_the_same_dev_examples_and_a_defined_score():
     assert paired_bootstrap(constant, constant, 10, 0) is None
 
 
+
+
+def test_paired_bootstrap_resamples_squad_questions(tmp_path):
+    import json
+
+    from distilbert_cli.tasks.results import as_array, read_predictions
+
+    golds = [["France"], ["10th and 11th centuries", "in the 10th and 11th centuries"], ["Rollo"], ["1066"]] * 10
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps({"split": "dev", "index": i, "id": str(i), "label": gold,
+                                        "prediction": gold[-1] if i % 2 else "nothing"}) + "\n"
+                            for i, gold in enumerate(golds)))
+    by_split = read_predictions(path)
+    predictions, labels = by_split["dev"]
+    assert labels.dtype == object and labels[1] == ("10th and 11th centuries", "in the 10th and 11th centuries")
+    half = [{"model": "m", "task": get_task("squad"), "seed": 1, "where": "seed-1", "by_split": by_split}]
+    perfect = [{**half[0], "by_split": {"dev": (as_array([gold[0] for gold in golds]), labels)}}]
+    result = paired_bootstrap(perfect, half, resamples=200, seed=0)
+    # Right on every question vs right on every other one: EM and F1 both 100 vs 50, a 50-point difference.
+    assert result["difference"] == pytest.approx(50.0) and result["dev_examples"] == 40
+    assert 25 < result["low"] < 50 < result["high"] < 75
+
+
+def test_table_2_shows_em_f1_cells_beside_the_paper_and_its_retention_on_the_same_tasks():
+    from distilbert_cli.tasks.results import render_markdown
+
+    records = [{"model": model, "task": "squad", "seed": 1, "metrics": {"exact_match": em, "f1": f1}}
+               for model, em, f1 in [("student", 70.0, 80.0), ("teacher", 75.0, 85.0)]]
+    records.append({"model": "student", "task": "imdb", "seed": 1, "metrics": {"accuracy": 90.0}})
+    summary = summarize(records)
+    tasks = [get_task("imdb"), get_task("squad")]
+    kept = {"IMDb and SQuAD (the paper's Table 2)": retention(summary, ["imdb", "squad"])}
+    table = render_markdown(summary, kept, tasks, "the fixture", ["a note"], soft_targets=True)
+    assert "| Model | IMDb | SQuAD v1.1 (EM/F1) |" in table
+    assert "| student (D) (ours) | 90.0 | 70.0/80.0 |" in table and "| teacher (ours) | – | 75.0/85.0 |" in table
+    assert "| BERT-base (published) | 93.46 | 81.2/88.5 |" in table
+    assert "| DistilBERT (D) (published) | – | 79.1/86.9 |" in table
+    # squad only (the teacher has no IMDb run): 75 / 80; the paper's (77.7 + 85.8) / (81.2 + 88.5) = 96.3%
+    assert "Retention (student / teacher on squad): 93.8% (75.0 / 80.0); the paper on the same tasks: 96.3%." in table
