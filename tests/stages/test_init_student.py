@@ -244,7 +244,8 @@ def _custom_code(tmp_path: Path) -> Path:
     (lambda tmp, tiny: _custom_code(tmp), [], "it ships its own model code, which runs only with "
                                               "trust_remote_code=true"),
     (lambda tmp, tiny: tiny, ["init=explicit", "init.layers=[0,2,4,7,9,12]"], "teacher layers are 0..11"),
-    (lambda tmp, tiny: tiny, ["init=explicit", "init.layers=[0,2,4]"], "has 3 layers but student.num_layers=6"),
+    (lambda tmp, tiny: tiny, ["init=explicit", "init.layers=[0,2,4]", "student.num_layers=6"],
+     "has 3 layers but student.num_layers=6"),
     (lambda tmp, tiny: tiny, ["student.num_layers=13"], "the student needs 1 to 12 layers"),
     (lambda tmp, tiny: tiny, ["init=explicit"], "missing required config value(s): init.layers"),
 ])
