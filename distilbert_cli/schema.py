@@ -107,8 +107,8 @@ class PrepareData(Common):
 # ---- init-student -------------------------------------------------------------------------------------
 
 class Student(Group):
-    arch: Literal["distilbert", "same_arch"]
-    num_layers: PositiveInt
+    arch: Literal["distilbert", "same_arch", "mobilebert"]
+    num_layers: PositiveInt | None  # null: the teacher's
     hidden_size: PositiveInt | None  # null: the teacher's
     num_attention_heads: PositiveInt | None
     intermediate_size: PositiveInt | None
@@ -137,6 +137,8 @@ _LossWeights = create_model("_LossWeights", __base__=Group,
 class Loss(_LossWeights):
     temperature: PositiveFloat
     restrict_ce_to_mask: bool
+    teacher_layer: int | None  # null: every student layer paired; an index (negative from the top): MiniLM's
+    relation_heads: PositiveInt | None  # null: the teacher's attention heads
 
     @model_validator(mode="after")
     def _some_weight(self):
@@ -199,6 +201,7 @@ class TrainSettings(Group):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"]
     deterministic: bool
     max_bad_steps: NonNegativeInt
+    progressive_transfer: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # share of the steps; 0: off
 
     @model_validator(mode="after")
     def _one_budget(self):

@@ -33,6 +33,11 @@ class Family:
     extra_inputs: tuple[str, ...] = ()
     # DistilBERT module name -> this family's module name ({i}: layer index), for a DistilBERT student of it.
     distilbert_names: Mapping[str, str] = field(default_factory=dict)
+    # The attention's query, key and value Linear modules inside a layer (None: not in the table), whose outputs
+    # the attention and relation losses capture with forward hooks.
+    attention_query: str | None = None
+    attention_key: str | None = None
+    attention_value: str | None = None
 
     def layer_pattern(self) -> re.Pattern:
         """Matches a parameter of layer i: group 1 is i."""
@@ -60,6 +65,8 @@ BERT = Family(
     head_transform=("cls.predictions.transform.",), mlm_head=_bert_head,
     token_type_embeddings="bert.embeddings.token_type_embeddings",
     position_embeddings="bert.embeddings.position_embeddings", extra_inputs=("token_type_ids",),
+    attention_query="attention.self.query", attention_key="attention.self.key",
+    attention_value="attention.self.value",
     distilbert_names={
         "distilbert.embeddings.word_embeddings": "bert.embeddings.word_embeddings",
         "distilbert.embeddings.position_embeddings": "bert.embeddings.position_embeddings",
@@ -84,15 +91,29 @@ ROBERTA = Family(
     head_transform=("lm_head.dense.", "lm_head.layer_norm."), mlm_head=_lm_head,
     token_type_embeddings="roberta.embeddings.token_type_embeddings",
     position_embeddings="roberta.embeddings.position_embeddings", extra_inputs=("token_type_ids",),
+    attention_query="attention.self.query", attention_key="attention.self.key",
+    attention_value="attention.self.value",
 )
 
 DISTILBERT = Family(
     name="distilbert", model_types=("distilbert",), layers="distilbert.transformer.layer",
     head_transform=("vocab_transform.", "vocab_layer_norm."), mlm_head=_distilbert_head,
     position_embeddings="distilbert.embeddings.position_embeddings",
+    attention_query="attention.q_lin", attention_key="attention.k_lin", attention_value="attention.v_lin",
 )
 
-FAMILIES: tuple[Family, ...] = (BERT, ROBERTA, DISTILBERT)
+# MobileBERT (a student kind): bottleneck blocks whose queries and keys come from the shared bottleneck and
+# values from the block input; the head's decoder is the 128-wide embedding plus an extra dense part.
+MOBILEBERT = Family(
+    name="mobilebert", model_types=("mobilebert",), layers="mobilebert.encoder.layer",
+    head_transform=("cls.predictions.transform.",), mlm_head=_bert_head,
+    token_type_embeddings="mobilebert.embeddings.token_type_embeddings",
+    position_embeddings="mobilebert.embeddings.position_embeddings", extra_inputs=("token_type_ids",),
+    attention_query="attention.self.query", attention_key="attention.self.key",
+    attention_value="attention.self.value",
+)
+
+FAMILIES: tuple[Family, ...] = (BERT, ROBERTA, DISTILBERT, MOBILEBERT)
 # Families a student can be initialised from (DistilBERT as a teacher is not supported yet).
 TEACHER_FAMILIES: tuple[Family, ...] = (BERT, ROBERTA)
 
@@ -112,3 +133,15 @@ def mlm_head(model: nn.Module) -> MlmHead | None:
     if model is model.base_model:
         return None
     return family_of(model.config).mlm_head(model)
+
+
+def attention_projection(model: nn.Module, layer: int, kind: str) -> nn.Module:
+    """The `kind` ("query", "key" or "value") projection of the attention of `model`'s layer `layer`, a masked LM
+    or its headless encoder."""
+    family = family_of(model.config)
+    path = getattr(family, f"attention_{kind}")
+    if path is None:
+        raise UsageError(f"the {family.name} family has no attention {kind} module in the family table, so the "
+                         f"attention and relation losses cannot read it")
+    layers = family.layers.removeprefix(f"{model.base_model_prefix}.")  # relative to the encoder
+    return model.base_model.get_submodule(f"{layers}.{layer}.{path}")

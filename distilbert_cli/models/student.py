@@ -1,9 +1,10 @@
 """Building a student from a teacher: which teacher layers it starts from, its config, and the weight copy.
 
 Student kinds (`student.arch`): `distilbert` (DistilBERT classes: no token-type embeddings, no pooler; the
-paper's student, from a family with a DistilBERT name map) and `same_arch` (the teacher's own class with fewer
-layers). Adding a kind = an entry in STUDENT_ARCHS (its config builder) and, if its parameter names differ
-from the teacher's, a name map in the family table.
+paper's student, from a family with a DistilBERT name map), `same_arch` (the teacher's own class with fewer
+layers) and `mobilebert` (transformers' MobileBERT classes, built at random: nothing of the teacher fits them).
+Adding a kind = an entry in STUDENT_ARCHS (its config builder) and, if its parameter names differ from the
+teacher's, a name map in the family table.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ STRATEGIES = ("every_other", "uniform", "first_k", "last_k", "explicit", "random
 WIDTH_KEYS = ("hidden_size", "num_attention_heads", "intermediate_size")
 # DistilBERT hard-codes its LayerNorm epsilon.
 DISTILBERT_LAYER_NORM_EPS = 1e-12
+MOBILEBERT_EMBEDDING_SIZE = 128
 
 
 def select_layers(strategy: str, n_teacher: int, n_student: int, layers: Sequence[int] | None = None
@@ -90,12 +92,33 @@ def _distilbert_config(teacher_config, family: Family, num_layers: int, hidden: 
     )
 
 
-STUDENT_ARCHS: dict[str, Callable] = {"distilbert": _distilbert_config, "same_arch": _same_arch_config}
+def _mobilebert_config(teacher_config, family: Family, num_layers: int, hidden: int, heads: int, intermediate: int):
+    """MobileBERT blocks whose inter-block width is the teacher's hidden size, so every layer's output (its feature
+    map) matches the teacher's without a projection; `hidden` is the bottleneck (intra-block) width the attention
+    and the four stacked FFNs of `intermediate` width run at. The rest is MobileBERT's: 128-wide embeddings
+    (at most the inter-block width, which the MLM head's decoder extends them to) widened by a trigram
+    convolution, NoNorm, ReLU, queries and keys from a shared bottleneck."""
+    from transformers import MobileBertConfig
+
+    return MobileBertConfig(
+        vocab_size=teacher_config.vocab_size, max_position_embeddings=teacher_config.max_position_embeddings,
+        type_vocab_size=teacher_config.type_vocab_size, pad_token_id=teacher_config.pad_token_id,
+        hidden_size=teacher_config.hidden_size, num_hidden_layers=num_layers, intra_bottleneck_size=hidden,
+        num_attention_heads=heads, intermediate_size=intermediate, initializer_range=teacher_config.initializer_range,
+        embedding_size=min(MOBILEBERT_EMBEDDING_SIZE, teacher_config.hidden_size),
+    )
+
+
+STUDENT_ARCHS: dict[str, Callable] = {"distilbert": _distilbert_config, "same_arch": _same_arch_config,
+                                      "mobilebert": _mobilebert_config}
+# Kinds with no counterpart of the teacher's weights: built with init.strategy=random only.
+RANDOM_ONLY_ARCHS = ("mobilebert",)
 
 
 def student_config(teacher_config, arch: str, num_layers: int, hidden_size: int | None = None,
                    num_attention_heads: int | None = None, intermediate_size: int | None = None):
-    """The student's transformers config: DistilBERT (`distilbert`) or the teacher's own (`same_arch`) class.
+    """The student's transformers config: DistilBERT (`distilbert`), the teacher's own (`same_arch`) or MobileBERT
+    (`mobilebert`, whose `hidden_size` is its bottleneck width) classes.
 
     Width arguments left None keep the teacher's; a None intermediate size scales with the hidden size.
     """

@@ -4,6 +4,7 @@
     distil init-student init=explicit init.layers=[0,2,4,7,9,11]
     distil init-student teacher=roberta_base student=same_arch             # a DistilRoBERTa-style student
     distil init-student init.strategy=random                               # the paper's ablation
+    distil init-student +experiment=mobilebert                             # a MobileBERT as deep as the teacher
 
 Writes `<run_dir>/init-student/model/` (safetensors weights, config, tokenizer), loadable with
 `AutoModelForMaskedLM.from_pretrained`, and records in the stage manifest the teacher, whether it has an
@@ -24,7 +25,14 @@ from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models.families import TEACHER_FAMILIES, family_of
 from distilbert_cli.models.loading import count_parameters, load_config, load_masked_lm, load_tokenizer
-from distilbert_cli.models.student import WIDTH_KEYS, init_student_weights, input_names, select_layers, student_config
+from distilbert_cli.models.student import (
+    RANDOM_ONLY_ARCHS,
+    WIDTH_KEYS,
+    init_student_weights,
+    input_names,
+    select_layers,
+    student_config,
+)
 from distilbert_cli.rundir import open_stage
 
 log = logging.getLogger(__name__)
@@ -43,11 +51,14 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     teacher_name, trust = cfg.teacher.name_or_path, cfg.trust_remote_code
     teacher_config = load_config(teacher_name, trust, role="teacher")
     family_of(teacher_config, TEACHER_FAMILIES, role=f"teacher {teacher_name!r}")
-    layer_map = select_layers(cfg.init.strategy, teacher_config.num_hidden_layers, cfg.student.num_layers,
-                              cfg.init.layers)
-    config = student_config(teacher_config, cfg.student.arch, cfg.student.num_layers, cfg.student.hidden_size,
+    num_layers = cfg.student.num_layers or teacher_config.num_hidden_layers
+    layer_map = select_layers(cfg.init.strategy, teacher_config.num_hidden_layers, num_layers, cfg.init.layers)
+    config = student_config(teacher_config, cfg.student.arch, num_layers, cfg.student.hidden_size,
                             cfg.student.num_attention_heads, cfg.student.intermediate_size)
     copies_teacher = cfg.init.strategy != "random"
+    if copies_teacher and cfg.student.arch in RANDOM_ONLY_ARCHS:
+        raise UsageError(f"student.arch={cfg.student.arch} has no layer the teacher's weights fit: use "
+                         "init.strategy=random (e.g. +experiment=mobilebert)")
     narrower = [f"student.{key}={cfg.student[key]}" for key in WIDTH_KEYS
                 if cfg.student[key] is not None and cfg.student[key] != getattr(teacher_config, key)]
     if copies_teacher and narrower:
