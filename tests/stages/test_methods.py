@@ -18,6 +18,8 @@ from distilbert_cli.cli import app
 from distilbert_cli.rundir import read_manifest
 
 runner = CliRunner()
+# The 32-wide MobileBERT's embeddings are as wide as its blocks, so its MLM head has no extra dense part.
+pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 TRAIN = ["+debug=tiny", "train.max_steps=2", "validation.max_sequences=8"]
 FINETUNE = ["finetune.models=[student]", "task.names=[rte]", f"task.data_dir={GLUE_DIR}", "finetune.epochs=1",
             "finetune.max_train_samples=16", "finetune.max_eval_samples=16", "finetune.max_seq_length=32"]
@@ -49,15 +51,27 @@ def prepared(tmp_path_factory) -> tuple[Path, Path]:
     return teacher, root / "data"
 
 
-def method_run(prepared, tmp_path, experiment: str, *train_overrides: str) -> Path:
+# 4 layers: 0.8 of 5 steps = one step per layer stage, then one step of pre-training distillation. MiniLMv2: 24
+# wide with 3 heads against 32 wide with 4: 4 relation heads divide both widths.
+TRAIN_OVERRIDES = {"mobilebert": ["train.max_steps=5", "train.log_every=10", "train.progressive_transfer=0.8"],
+                   "minilmv2": ["loss.relation_heads=4", "loss.teacher_layer=2"]}
+
+
+@pytest.fixture(scope="module")
+def runs(prepared, tmp_path_factory) -> dict[str, Path]:
+    """Each experiment's run over the same prepared data and teacher: init-student, train, finetune on RTE rows."""
     teacher, data = prepared
-    run_dir = tmp_path / experiment
-    shutil.copytree(data, run_dir)
-    distil("init-student", f"run_dir={run_dir}", f"teacher.name_or_path={teacher}", f"+experiment={experiment}",
-           *TINY_STUDENTS[experiment])
-    distil("train", f"run_dir={run_dir}", f"+experiment={experiment}", *TRAIN, *train_overrides)
-    distil("finetune", f"run_dir={run_dir}", *FINETUNE)
-    return run_dir
+    runs = {}
+    for experiment in TINY_STUDENTS:
+        run_dir = runs[experiment] = tmp_path_factory.mktemp("runs") / experiment
+        shutil.copytree(data, run_dir)
+        distil("init-student", f"run_dir={run_dir}", f"teacher.name_or_path={teacher}", f"+experiment={experiment}",
+               *TINY_STUDENTS[experiment])
+        distil("train", f"run_dir={run_dir}", f"+experiment={experiment}", *TRAIN,
+               *TRAIN_OVERRIDES.get(experiment, []))
+        distil("finetune", f"run_dir={run_dir}", *FINETUNE)
+        distil("evaluate", f"run_dir={run_dir}", "task.names=[rte]", f"task.data_dir={GLUE_DIR}")
+    return runs
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -74,8 +88,9 @@ def finetuned_accuracy(run_dir: Path) -> float:
     return json.loads(path.read_text())["metrics"]["accuracy"]
 
 
-def test_tinybert_general(prepared, tmp_path):
-    run_dir = method_run(prepared, tmp_path, "tinybert_general")
+@pytest.mark.slow
+def test_tinybert_general(runs):
+    run_dir = runs["tinybert_general"]
     init = read_manifest(run_dir / "init-student")
     assert (init["student_class"], init["strategy"]) == ("BertForMaskedLM", "random")
     distill = read_manifest(run_dir / "distill")
@@ -89,11 +104,9 @@ def test_tinybert_general(prepared, tmp_path):
     assert 0 <= finetuned_accuracy(run_dir) <= 100
 
 
-@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # a 32-wide MobileBERT's head has no extra part
-def test_mobilebert_with_progressive_transfer(prepared, tmp_path):
-    # 4 layers: 0.8 of 5 steps = one step per layer stage, then one step of pre-training distillation.
-    run_dir = method_run(prepared, tmp_path, "mobilebert", "train.max_steps=5", "train.log_every=10",
-                         "train.progressive_transfer=0.8")
+@pytest.mark.slow
+def test_mobilebert_with_progressive_transfer(runs):
+    run_dir = runs["mobilebert"]
     init = read_manifest(run_dir / "init-student")
     assert init["student_class"] == "MobileBertForMaskedLM" and init["layer_map"] == [None] * 4
     config = json.loads((run_dir / "distill" / "final" / "config.json").read_text())
@@ -107,21 +120,42 @@ def test_mobilebert_with_progressive_transfer(prepared, tmp_path):
     assert 0 <= finetuned_accuracy(run_dir) <= 100
 
 
-def test_minilm(prepared, tmp_path):
-    run_dir = method_run(prepared, tmp_path, "minilm")
+@pytest.mark.slow
+def test_minilm(runs):
+    run_dir = runs["minilm"]
     assert read_manifest(run_dir / "distill")["layer_pairs"] == [[1, 3]]  # last layer <- last layer
     assert all(loss_keys(r) == {"loss_attn_kl", "loss_value_relation"} for r in metrics(run_dir))
     assert 0 <= finetuned_accuracy(run_dir) <= 100
 
 
-def test_minilmv2_any_width_and_head_count_from_a_chosen_teacher_layer(prepared, tmp_path):
-    # 24 wide with 3 heads against 32 wide with 4: 4 relation heads divide both widths.
-    run_dir = method_run(prepared, tmp_path, "minilmv2", "loss.relation_heads=4", "loss.teacher_layer=2")
+@pytest.mark.slow
+def test_minilmv2_any_width_and_head_count_from_a_chosen_teacher_layer(runs):
+    run_dir = runs["minilmv2"]
     assert read_manifest(run_dir / "distill")["layer_pairs"] == [[1, 2]]
     rows = metrics(run_dir)
     assert all(loss_keys(r) == {"loss_query_relation", "loss_key_relation", "loss_value_relation"} for r in rows)
     assert all(r["loss"] > 0 for r in rows)
     assert 0 <= finetuned_accuracy(run_dir) <= 100
+
+
+@pytest.mark.slow
+def test_report_compares_the_methods_side_by_side(runs):
+    main, *baselines = runs.values()
+    distil("report", str(main), f"report.baselines=[{','.join(str(run) for run in baselines)}]",
+           "report.bootstrap_resamples=20")
+    report = (main / "report" / "report.md").read_text()
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in report.splitlines() if line.startswith("| ")}
+    assert "embed 1, hidden 1, attn_scores 1" in rows["tinybert_general"] and "Bert " in rows["tinybert_general"]
+    assert "ce 0.5, mlm 0.5, hidden 1, attn_kl 1" in rows["mobilebert"] and "MobileBert " in rows["mobilebert"]
+    assert "query_relation 1, key_relation 1, value_relation 1" in rows["minilmv2"]
+    # their validation MLM and downstream figures, whatever the objective
+    for name, run in runs.items():
+        validation = json.loads((run / "distill" / "validation.json").read_text())
+        assert f"{validation['student']['mlm_loss']:.3f}" in rows[name]
+        assert f"| {finetuned_accuracy(run):.1f} |" in rows[name]
+    assert "the MLM head of tinybert_general, minilm, minilmv2 is as initialised" in report
+    assert "tinybert_general vs mobilebert: validation MLM loss" in report and "95% paired-bootstrap interval" in report
+    assert (main / "report" / "loss_curves.png").stat().st_size > 0
 
 
 def train_error(prepared, tmp_path, experiment: str, init_overrides: list[str], *train_overrides: str) -> str:
