@@ -44,7 +44,8 @@ COMMANDS = (
                  "Build the student from the teacher (layer selection, embeddings, MLM head).",
                  "reads: teacher.name_or_path; writes: <run_dir>/init-student/model/"),
     StageCommand("train", "train", train.run,
-                 "Distill the teacher into the student (the DistilBERT triple loss). Alias: distill.",
+                 "Distill the teacher into the student (the DistilBERT triple loss; +experiment=tinybert_general, "
+                 "mobilebert, minilm, minilmv2 for the other methods). Alias: distill.",
                  "reads: prepare-data/, init-student/; writes: <run_dir>/distill/final/", aliases=("distill",)),
     StageCommand("finetune", "finetune", finetune.run,
                  "Fine-tune the student (or teacher) on downstream tasks (GLUE), several seeds.",

@@ -111,7 +111,8 @@ def ablation_table(main: dict, baselines: list[dict]) -> list[str]:
 
 
 def _trains_head(run: dict) -> bool:
-    names = [key.removeprefix("alpha_") for key in run["loss_weights"]]
+    """Whether the run's objective trains the student's MLM head (some term needs the student's logits)."""
+    names = [key.removeprefix("alpha_") for key in run.get("loss_weights", {})]
     return any("student_logits" in LOSS_TERMS[name].needs for name in names if name in LOSS_TERMS)
 
 
@@ -133,7 +134,7 @@ def verdict(main: dict, baselines: list[dict], comparisons: list[dict | None]) -
     for run, comparison in zip(baselines, comparisons, strict=True):
         checks = []
         ours, theirs = main.get("validation", {}).get("student"), run.get("validation", {}).get("student")
-        if ours and theirs:
+        if ours and theirs and _trains_head(main) and _trains_head(run):  # an untrained head's MLM says nothing
             better = ours["mlm_loss"] < theirs["mlm_loss"]
             checks.append(f"validation MLM loss {ours['mlm_loss']:.3f} vs {theirs['mlm_loss']:.3f} "
                           f"({'better' if better else 'NOT better'})")

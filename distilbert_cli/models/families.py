@@ -60,13 +60,16 @@ def _distilbert_head(model: nn.Module) -> MlmHead:
     return lambda hidden: model.vocab_projector(model.vocab_layer_norm(model.activation(model.vocab_transform(hidden))))
 
 
+# The attention projections of BERT's layer code (shared by RoBERTa and MobileBERT).
+BERT_ATTENTION = {"attention_query": "attention.self.query", "attention_key": "attention.self.key",
+                  "attention_value": "attention.self.value"}
+
 BERT = Family(
     name="bert", model_types=("bert",), layers="bert.encoder.layer",
     head_transform=("cls.predictions.transform.",), mlm_head=_bert_head,
     token_type_embeddings="bert.embeddings.token_type_embeddings",
     position_embeddings="bert.embeddings.position_embeddings", extra_inputs=("token_type_ids",),
-    attention_query="attention.self.query", attention_key="attention.self.key",
-    attention_value="attention.self.value",
+    **BERT_ATTENTION,
     distilbert_names={
         "distilbert.embeddings.word_embeddings": "bert.embeddings.word_embeddings",
         "distilbert.embeddings.position_embeddings": "bert.embeddings.position_embeddings",
@@ -91,8 +94,7 @@ ROBERTA = Family(
     head_transform=("lm_head.dense.", "lm_head.layer_norm."), mlm_head=_lm_head,
     token_type_embeddings="roberta.embeddings.token_type_embeddings",
     position_embeddings="roberta.embeddings.position_embeddings", extra_inputs=("token_type_ids",),
-    attention_query="attention.self.query", attention_key="attention.self.key",
-    attention_value="attention.self.value",
+    **BERT_ATTENTION,
 )
 
 DISTILBERT = Family(
@@ -109,8 +111,7 @@ MOBILEBERT = Family(
     head_transform=("cls.predictions.transform.",), mlm_head=_bert_head,
     token_type_embeddings="mobilebert.embeddings.token_type_embeddings",
     position_embeddings="mobilebert.embeddings.position_embeddings", extra_inputs=("token_type_ids",),
-    attention_query="attention.self.query", attention_key="attention.self.key",
-    attention_value="attention.self.value",
+    **BERT_ATTENTION,
 )
 
 FAMILIES: tuple[Family, ...] = (BERT, ROBERTA, DISTILBERT, MOBILEBERT)

@@ -36,14 +36,12 @@ TEACHER_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 class Distillation:
     """A distillation run ready to train: what the loop reads and what validation reuses afterwards."""
 
-    plan: LossPlan
     layout: StepLayout
     total_steps: int
     student: nn.Module  # MaskedLMRows over the student (and the projections to the teacher's width), prepared
     teacher: nn.Module | None  # MaskedLMRows over the frozen teacher; None when no loss needs it
     teacher_has_mlm_head: bool
-    pairs: list[tuple[int, int]]  # (student, teacher) layers for the layer-wise losses
-    stages: list[TrainingStage]  # one, or the progressive-transfer schedule
+    stages: list[TrainingStage]  # the loss plan and layer pairs of each stage: one, or the progressive schedule
     optimizer: torch.optim.Optimizer
     scheduler: object
     batches: DistillationBatches
@@ -185,6 +183,10 @@ def build(cfg: DictConfig, stage: Stage, accelerator, plan: LossPlan, accumulati
              accumulation, world_size, steps, steps / layout.steps_per_epoch, layout.steps_per_epoch,
              warmup_steps, {k: v for k, v in plan.weights.items() if v})
 
+    pairs = layer_pairs(student_config.num_hidden_layers, teacher_config.num_hidden_layers, init.layer_map,
+                        plan.teacher_layer) if teacher_config is not None else []
+    run_stages = stages(plan, pairs, cfg.train.progressive_transfer, steps)
+
     # What must not change across a resume
     resume_state = {
         "seed": cfg.seed, "loss": OmegaConf.to_container(cfg.loss), "masking": OmegaConf.to_container(cfg.masking),
@@ -207,11 +209,8 @@ def build(cfg: DictConfig, stage: Stage, accelerator, plan: LossPlan, accumulati
                                       attn_implementation=attn_implementation,
                                       dtype=TEACHER_DTYPES[cfg.train.mixed_precision])
     spec = masking_spec(cfg.masking, data_tokenizer, token_counts, student.config.vocab_size)
-    pairs = layer_pairs(student.config.num_hidden_layers, teacher.config.num_hidden_layers,
-                        init.layer_map, plan.teacher_layer) if teacher is not None else []
     if teacher is not None:
         check_attention_projections(student, teacher, plan, pairs)
-    run_stages = stages(plan, pairs, cfg.train.progressive_transfer, steps)
     # TinyBERT's W_e (embedding output) and W_h (layer outputs) to the teacher's width, dropped after training
     projections = nn.ModuleDict({
         name: nn.Linear(student.config.hidden_size, teacher.config.hidden_size)
@@ -238,9 +237,9 @@ def build(cfg: DictConfig, stage: Stage, accelerator, plan: LossPlan, accumulati
 
     batches = DistillationBatches(train_split, lengths, layout, spec, cfg.seed, cfg.batch.group_window,
                                   accelerator.process_index, state.step, steps)
-    return Distillation(plan, layout, steps, distiller, teacher_rows, init.teacher_has_mlm_head, pairs, run_stages,
-                        optimizer, scheduler, batches, state, resume_state, checkpoint,
-                        load_tokenizer(student_dir, trust), validation_split, spec)
+    return Distillation(layout, steps, distiller, teacher_rows, init.teacher_has_mlm_head, run_stages, optimizer,
+                        scheduler, batches, state, resume_state, checkpoint, load_tokenizer(student_dir, trust),
+                        validation_split, spec)
 
 
 def data_loader(run: Distillation, num_workers: int, pin_memory: bool):

@@ -147,6 +147,23 @@ def test_relation_kl_is_invariant_to_the_students_width():
                  atol=1e-6, rtol=0)
 
 
+def test_attention_and_relation_terms_read_the_captured_projections():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    student = {**{kind: [torch.randn(2, 3, 4)] for kind in ("query", "key", "value")}, "heads": 2}
+    teacher = {**{kind: [torch.randn(2, 3, 8)] for kind in ("query", "key", "value")}, "heads": 4}
+    plan = LossPlan.from_config(loss_config(alpha_attn_kl=1.0, alpha_value_relation=2.0))
+    losses = compute_losses(plan, student, teacher, {"attention_mask": mask})
+    assert_close(losses["attn_kl"], attention_kl_loss([head_scores(student["query"][0], student["key"][0], 2)],
+                                                      [head_scores(teacher["query"][0], teacher["key"][0], 4)], mask))
+    # relation_heads null: the teacher's 4 attention heads (MiniLM's per-head value relation)
+    assert_close(losses["value_relation"], relation_kl_loss(student["value"], teacher["value"], 4, mask))
+    assert_close(losses["loss"], losses["attn_kl"] + 2 * losses["value_relation"])
+    with_heads = LossPlan.from_config(loss_config(alpha_value_relation=1.0, relation_heads=2))
+    assert_close(compute_losses(with_heads, student, teacher, {"attention_mask": mask})["value_relation"],
+                 relation_kl_loss(student["value"], teacher["value"], 2, mask))
+
+
 def test_plan_needs_only_what_nonzero_weights_use():
     mlm_only = LossPlan.from_config(loss_config(alpha_mlm=1.0))
     assert not mlm_only.needs_teacher and not mlm_only.teacher_logits and mlm_only.logits_at_targets_only

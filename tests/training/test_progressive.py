@@ -62,5 +62,6 @@ def test_a_layer_stage_updates_that_layer_only():
     assert any(name.startswith("mobilebert.encoder.layer.1.") for name in moved)
     assert {name for name, p in model.named_parameters() if p.requires_grad} == {
         name for name, _ in model.named_parameters() if name.startswith("mobilebert.encoder.layer.1.")}
+    assert enter(schedule, 5, model).name == "layer 1"  # a run resumed mid-stage re-enters its stage
     enter(schedule, 9, model)  # the last stage trains everything again
     assert all(p.requires_grad for p in model.parameters())
