@@ -79,7 +79,8 @@ COMMANDS = (
                  "Build the student from the teacher (half its layers, DistilBERT or its own class by default).",
                  "reads: teacher.name_or_path; writes: <run_dir>/init-student/model/"),
     StageCommand("train", "train", _train,
-                 "Distill the teacher into the student (the DistilBERT triple loss). Alias: distill.",
+                 "Distill the teacher into the student (the DistilBERT triple loss; +experiment=tinybert_general, "
+                 "mobilebert, minilm, minilmv2 for the other methods). Alias: distill.",
                  "reads: prepare-data/, init-student/; writes: <run_dir>/distill/final/", aliases=("distill",)),
     StageCommand("finetune", "finetune", _finetune,
                  "Fine-tune the student (or teacher) on GLUE, IMDb, SQuAD or your own data, several seeds.",

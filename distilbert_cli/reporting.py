@@ -4,6 +4,7 @@ the paired bootstrap saying whether a downstream difference is beyond the noise 
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -30,11 +31,13 @@ def run_summary(run_dir: Path) -> dict:
     if complete_stage(run_dir, artifacts.INIT_STUDENT):
         init = artifacts.init_student_facts(run_dir)
         summary.update(teacher=init.teacher, init_strategy=init.strategy, layer_map=init.layer_map,
-                       param_counts=init.param_counts, student_arch=init.student_arch)
+                       param_counts=init.param_counts, student_arch=init.student_arch,
+                       student_class=init.student_class)
     if distill_dir := complete_stage(run_dir, artifacts.DISTILL):
         config = read_manifest(distill_dir)["config"]
-        summary["loss_weights"] = {f"alpha_{name}": config["loss"][f"alpha_{name}"] for name in LOSS_TERMS
-                                   if config["loss"][f"alpha_{name}"]}
+        # the weights the run recorded (a run from before a term existed has no key for it)
+        summary["loss_weights"] = {key: value for key, value in config["loss"].items()
+                                   if key.startswith("alpha_") and value}
         distilled = artifacts.DistillOutputs(distill_dir)
         summary["validation"] = read_json(distilled.validation)
         summary["metrics"] = read_jsonl(distilled.metrics)
@@ -48,16 +51,20 @@ def run_summary(run_dir: Path) -> dict:
 
 
 def plot_losses(runs: list[dict], path: Path) -> bool:
-    """One panel per run: every logged loss component over optimizer steps."""
+    """One panel per run: every logged loss component over optimizer steps (a component only where it was
+    logged), and the end of each training stage (progressive transfer) as a dotted line."""
     runs = [r for r in runs if r.get("metrics")]
     if not runs:
         return False
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
     for axis, run in zip(axes[0], runs, strict=True):
-        steps = [m["step"] for m in run["metrics"]]
         for component in LOSS_COMPONENTS:
-            if component in run["metrics"][0]:
-                axis.plot(steps, [m[component] for m in run["metrics"]], label=component)
+            points = [(m["step"], m[component]) for m in run["metrics"] if component in m]
+            if points:
+                axis.plot(*zip(*points, strict=True), label=component, marker="." if len(points) == 1 else None)
+        for before, after in itertools.pairwise(run["metrics"]):
+            if before.get("stage") != after.get("stage"):
+                axis.axvline(before["step"], color="grey", linestyle=":", linewidth=0.8)
         axis.set(title=run["name"], xlabel="step", ylabel="loss", yscale="log")
         axis.legend(fontsize=7)
     fig.tight_layout()
@@ -70,10 +77,17 @@ def _fmt(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _student(run: dict) -> str:
+    """The student's class and size: methods side by side distill different students."""
+    if "student_class" not in run:
+        return "–"
+    return f"{run['student_class'].removesuffix('ForMaskedLM')} {run['param_counts']['student'] / 1e6:.1f}M"
+
+
 def ablation_table(main: dict, baselines: list[dict]) -> list[str]:
     """Table 4 at this scale: validation MLM and downstream score of each run, with deltas vs this run."""
-    lines = ["| run | objective (weights) | init | val MLM loss | val MLM acc | downstream score | "
-             "Δ downstream vs this run | published Δ GLUE (paper Table 4) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | objective (weights) | student | init | val MLM loss | val MLM acc | downstream score | "
+             "Δ downstream vs this run | published Δ GLUE (paper Table 4) |", "|---|---|---|---|---|---|---|---|---|"]
     base_score = main.get("downstream", {}).get("student")
     for run in [main, *baselines]:
         student = run.get("validation", {}).get("student", {})
@@ -81,15 +95,25 @@ def ablation_table(main: dict, baselines: list[dict]) -> list[str]:
         delta = None if score is None or base_score is None or run is main else score - base_score
         weights = ", ".join(f"{k.removeprefix('alpha_')} {v:g}" for k, v in run.get("loss_weights", {}).items())
         published = PUBLISHED_ABLATIONS.get(run["name"])
-        lines.append(f"| {run['name']} | {weights or '–'} | {run.get('init_strategy', '–')} | "
+        lines.append(f"| {run['name']} | {weights or '–'} | {_student(run)} | {run.get('init_strategy', '–')} | "
                      f"{_fmt(student.get('mlm_loss'))} | {_fmt(student.get('mlm_accuracy'))} | "
                      f"{_fmt(score, 1)} | {'–' if delta is None else f'{delta:+.1f}'} | "
                      f"{'–' if published is None else f'{published:+.2f} (published)'} |")
     teacher = main.get("validation", {}).get("teacher") or {}
     if teacher:
-        lines.append(f"| teacher | – | – | {_fmt(teacher.get('mlm_loss'))} | {_fmt(teacher.get('mlm_accuracy'))} | "
+        lines.append(f"| teacher | – | – | – | {_fmt(teacher.get('mlm_loss'))} | {_fmt(teacher.get('mlm_accuracy'))} | "
                      f"{_fmt(main.get('downstream', {}).get('teacher'), 1)} | – | – |")
+    if untrained := [run["name"] for run in [main, *baselines] if "loss_weights" in run and not _trains_head(run)]:
+        lines += ["", f"Not trained by the objective (no term needs the student's logits), the MLM head of "
+                      f"{', '.join(untrained)} is as initialised: those validation MLM figures do not measure the "
+                      "encoder; compare those runs downstream."]
     return lines
+
+
+def _trains_head(run: dict) -> bool:
+    """Whether the run's objective trains the student's MLM head (some term needs the student's logits)."""
+    names = [key.removeprefix("alpha_") for key in run.get("loss_weights", {})]
+    return any("student_logits" in LOSS_TERMS[name].needs for name in names if name in LOSS_TERMS)
 
 
 def downstream_comparison(main: dict, baseline: dict, resamples: int, seed: int) -> dict | None:
@@ -110,7 +134,7 @@ def verdict(main: dict, baselines: list[dict], comparisons: list[dict | None]) -
     for run, comparison in zip(baselines, comparisons, strict=True):
         checks = []
         ours, theirs = main.get("validation", {}).get("student"), run.get("validation", {}).get("student")
-        if ours and theirs:
+        if ours and theirs and _trains_head(main) and _trains_head(run):  # an untrained head's MLM says nothing
             better = ours["mlm_loss"] < theirs["mlm_loss"]
             checks.append(f"validation MLM loss {ours['mlm_loss']:.3f} vs {theirs['mlm_loss']:.3f} "
                           f"({'better' if better else 'NOT better'})")

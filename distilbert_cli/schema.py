@@ -152,8 +152,9 @@ class PrepareData(Common):
 # ---- init-student -------------------------------------------------------------------------------------
 
 class Student(Group):
-    arch: Literal["auto", "distilbert", "same_arch"]  # auto: DistilBERT for a BERT teacher, else its own class
-    num_layers: PositiveInt | None  # null: half the teacher's
+    # auto: DistilBERT for a BERT teacher, else its own class; mobilebert: transformers' MobileBERT (random init)
+    arch: Literal["auto", "distilbert", "same_arch", "mobilebert"]
+    num_layers: PositiveInt | None  # null: half the teacher's (MobileBERT: the teacher's)
     hidden_size: PositiveInt | None  # null: the teacher's
     num_attention_heads: PositiveInt | None
     intermediate_size: PositiveInt | None
@@ -182,6 +183,8 @@ _LossWeights = create_model("_LossWeights", __base__=Group,
 class Loss(_LossWeights):
     temperature: PositiveFloat
     restrict_ce_to_mask: bool
+    teacher_layer: int | None  # null: every student layer paired; an index (negative from the top): MiniLM's
+    relation_heads: PositiveInt | None  # null: the teacher's attention heads
 
     @model_validator(mode="after")
     def _some_weight(self):
@@ -244,6 +247,7 @@ class TrainSettings(Group):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"]
     deterministic: bool
     max_bad_steps: NonNegativeInt
+    progressive_transfer: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # share of the steps; 0: off
 
     @model_validator(mode="after")
     def _one_budget(self):

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from datasets import Dataset
-from omegaconf import OmegaConf
 from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
+from distilbert_cli.config import compose_config
 from distilbert_cli.training.distiller import MaskedLMRows, distillation_losses
 from distilbert_cli.training.losses import LossPlan
 from distilbert_cli.training.masking import (
@@ -144,9 +144,8 @@ def time_reference(args, student, teacher, dataset, spec, device) -> tuple[float
 
 
 def time_pipeline(args, student, teacher, dataset, spec, accelerator, restrict: bool) -> tuple[float, int, float]:
-    plan = LossPlan.from_config(OmegaConf.create({
-        "alpha_ce": 5.0, "alpha_mlm": 2.0, "alpha_cos": 1.0, "alpha_mse": 0.0, "alpha_hidden": 0.0, "alpha_attn": 0.0,
-        "temperature": 2.0, "restrict_ce_to_mask": restrict}))
+    plan = LossPlan.from_config(compose_config("train", ["+experiment=triple_loss",
+                                                         f"loss.restrict_ce_to_mask={str(restrict).lower()}"]).loss)
     teacher_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     teacher_rows = MaskedLMRows(copy.deepcopy(teacher)).to(accelerator.device, teacher_dtype).eval()
     student_rows = MaskedLMRows(copy.deepcopy(student))

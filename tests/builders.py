@@ -1,4 +1,5 @@
-"""Tiny models, tokenizers and corpora built in code (no hub access), and the committed task fixtures."""
+"""Tiny models, tokenizers, corpora and loss configs built in code (no hub access), and the committed task
+fixtures."""
 
 from __future__ import annotations
 
@@ -218,3 +219,15 @@ def write_corpus(path: Path, n_lines: int = 60) -> Path:
     rng = np.random.default_rng(0)
     path.write_text("".join(" ".join(rng.choice(words, size=rng.integers(12, 40))) + "\n" for _ in range(n_lines)))
     return path
+
+
+def loss_config(**settings):
+    """A `loss` config section with every weight 0 but those given (and the other keys at plain values)."""
+    from omegaconf import OmegaConf
+
+    from distilbert_cli.training.losses import LOSS_TERMS
+
+    values = {**{f"alpha_{name}": 0.0 for name in LOSS_TERMS}, "temperature": 2.0, "restrict_ce_to_mask": False,
+              "teacher_layer": None, "relation_heads": None}
+    values.update(settings)
+    return OmegaConf.create(values)

@@ -95,9 +95,9 @@ def test_shared_keys_come_from_one_file(command):
 def test_experiments_hold_only_their_deltas(experiment):
     """Each value an experiment sets differs from the default of every command whose config has that key."""
     keys = leaf_keys(yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text()) or {})
+    defaults = {c.config: compose_config(c.config) for c in COMMANDS}
     for key in keys:
-        defaults = [OmegaConf.select(cfg, key) for cfg in map(compose_config, [c.config for c in COMMANDS])
-                    if OmegaConf.select(cfg, key, default="absent") != "absent"]
-        value = OmegaConf.select(compose_config("train" if key.startswith("loss.") else "init_student",
-                                                [f"+experiment={experiment}"]), key)
-        assert defaults and all(value != default for default in defaults), (experiment, key)
+        having = [command for command, cfg in defaults.items()
+                  if OmegaConf.select(cfg, key, default="absent") != "absent"]
+        value = OmegaConf.select(compose_config(having[0], [f"+experiment={experiment}"]), key) if having else None
+        assert having and all(value != OmegaConf.select(defaults[c], key) for c in having), (experiment, key)

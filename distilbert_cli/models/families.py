@@ -51,6 +51,11 @@ class Family:
     # Config overrides for other MLM head layouts the family's checkpoints use, tried in order when the default
     # layout finds no head in a checkpoint (models/loading.py load_masked_lm).
     head_layouts: tuple[Mapping[str, object], ...] = ()
+    # The attention's query, key and value Linear modules inside a layer (None: not in the table), whose outputs
+    # the attention and relation losses capture with forward hooks.
+    attention_query: str | None = None
+    attention_key: str | None = None
+    attention_value: str | None = None
 
     def layer_pattern(self) -> re.Pattern:
         """Matches a parameter of layer i: group 1 is i."""
@@ -87,6 +92,10 @@ def _modernbert_head(model: nn.Module) -> MlmHead:
     return lambda hidden: model.decoder(model.head(hidden))
 
 
+# The attention projections of BERT's layer code (shared by RoBERTa and MobileBERT).
+BERT_ATTENTION = {"attention_query": "attention.self.query", "attention_key": "attention.self.key",
+                  "attention_value": "attention.self.value"}
+
 # BERT (and the sentence-embedding BERTs): embeddings in bert.embeddings (word, position, token type,
 # LayerNorm); the paper's student is DistilBERT, which drops the token types (folded into the positions by
 # init-student) and renames every tensor through `distilbert_names`.
@@ -95,6 +104,7 @@ BERT = Family(
     head_transform=("cls.predictions.transform.",), mlm_head=_bert_head,
     token_type_embeddings="bert.embeddings.token_type_embeddings",
     position_embeddings="bert.embeddings.position_embeddings", extra_inputs=("token_type_ids",),
+    **BERT_ATTENTION,
     distilbert_names={
         "distilbert.embeddings.word_embeddings": "bert.embeddings.word_embeddings",
         "distilbert.embeddings.position_embeddings": "bert.embeddings.position_embeddings",
@@ -123,6 +133,7 @@ ROBERTA = Family(
     token_type_embeddings="roberta.embeddings.token_type_embeddings",
     position_embeddings="roberta.embeddings.position_embeddings", extra_inputs=("token_type_ids",),
     positions_after_padding=True,
+    **BERT_ATTENTION,
 )
 
 # ELECTRA: BERT's layers under `electra`; embeddings of `embedding_size` projected to the hidden size by
@@ -134,6 +145,7 @@ ELECTRA = Family(
     head_transform=("generator_predictions.",), mlm_head=_electra_head,
     token_type_embeddings="electra.embeddings.token_type_embeddings",
     position_embeddings="electra.embeddings.position_embeddings", extra_inputs=("token_type_ids",),
+    **BERT_ATTENTION,
 )
 
 # DeBERTa-v2/v3: disentangled attention over relative positions, whose table (deberta.encoder.rel_embeddings,
@@ -141,7 +153,9 @@ ELECTRA = Family(
 # position_buckets and max_relative_positions, so the table and the bucketing stay consistent. No absolute
 # positions (position_biased_input=false) and no token types in v3 (type_vocab_size=0). Two head layouts:
 # `cls.predictions` (config.legacy, transformers' default) or `lm_predictions.lm_head` (decoder = the word
-# embeddings), which the original checkpoints hold and which loads with legacy=false.
+# embeddings), which the original checkpoints hold and which loads with legacy=false. Its attention adds
+# relative-position terms to Q K^T, so the attention and relation losses, which rebuild the scores from the
+# captured queries and keys, are not offered for it (no attention_* fields).
 DEBERTA_V2 = Family(
     name="deberta-v2", model_types=("deberta-v2",), layers="deberta.encoder.layer",
     head_transform=("cls.predictions.transform.", "lm_predictions.lm_head.dense.", "lm_predictions.lm_head.LayerNorm."),
@@ -153,7 +167,8 @@ DEBERTA_V2 = Family(
 # final norm (model.final_norm), both copied. Layers alternate global and local (sliding-window) attention
 # (config.layer_types); each student layer keeps the attention of the teacher layer it is copied from. Its
 # first layer has no pre-attention norm (the embedding norm precedes it): a teacher layer moved into first place
-# loses its attn_norm, and teacher layer 0 moved up gets a fresh one (init-student names both).
+# # loses its attn_norm, and teacher layer 0 moved up gets a fresh one (init-student names both). Its queries, keys
+# and values come out of one fused Linear (Wqkv), so the attention and relation losses are not offered for it.
 MODERNBERT = Family(
     name="modernbert", model_types=("modernbert",), layers="model.layers",
     head_transform=("head.",), mlm_head=_modernbert_head, per_layer_config=("layer_types",),
@@ -164,9 +179,21 @@ DISTILBERT = Family(
     name="distilbert", model_types=("distilbert",), layers="distilbert.transformer.layer",
     head_transform=("vocab_transform.", "vocab_layer_norm."), mlm_head=_distilbert_head,
     position_embeddings="distilbert.embeddings.position_embeddings", intermediate_size="hidden_dim",
+    attention_query="attention.q_lin", attention_key="attention.k_lin", attention_value="attention.v_lin",
 )
 
-FAMILIES: tuple[Family, ...] = (BERT, ROBERTA, ELECTRA, DEBERTA_V2, MODERNBERT, DISTILBERT)
+# MobileBERT (a student kind, +experiment=mobilebert): bottleneck blocks whose queries and keys come from the
+# shared bottleneck and values from the block input; the head's decoder is the 128-wide embedding plus an extra
+# dense part.
+MOBILEBERT = Family(
+    name="mobilebert", model_types=("mobilebert",), layers="mobilebert.encoder.layer",
+    head_transform=("cls.predictions.transform.",), mlm_head=_bert_head,
+    token_type_embeddings="mobilebert.embeddings.token_type_embeddings",
+    position_embeddings="mobilebert.embeddings.position_embeddings", extra_inputs=("token_type_ids",),
+    **BERT_ATTENTION,
+)
+
+FAMILIES: tuple[Family, ...] = (BERT, ROBERTA, ELECTRA, DEBERTA_V2, MODERNBERT, DISTILBERT, MOBILEBERT)
 
 
 def find_family(config) -> Family | None:
@@ -211,3 +238,15 @@ def mlm_head(model: nn.Module) -> MlmHead | None:
     if model is model.base_model:
         return None
     return family_of(model.config).mlm_head(model)
+
+
+def attention_projection(model: nn.Module, layer: int, kind: str) -> nn.Module:
+    """The `kind` ("query", "key" or "value") projection of the attention of `model`'s layer `layer`, a masked LM
+    or its headless encoder."""
+    family = family_of(model.config)
+    path = getattr(family, f"attention_{kind}")
+    if path is None:
+        raise UsageError(f"the {family.name} family has no attention {kind} module in the family table, so the "
+                         f"attention and relation losses cannot read it")
+    layers = family.layers.removeprefix(f"{model.base_model_prefix}.")  # relative to the encoder
+    return model.base_model.get_submodule(f"{layers}.{layer}.{path}")

@@ -2,9 +2,10 @@
 
 Student kinds (`student.arch`): `distilbert` (DistilBERT classes: no token-type embeddings, no pooler; the
 paper's student, from a family with a DistilBERT name map), `same_arch` (the teacher's own class with fewer
-layers) and `auto` (the family's `auto_student`: DistilBERT for BERT, the teacher's own class otherwise). The
-default depth is half the teacher's (`default_num_layers`). Adding a kind = an entry in STUDENT_ARCHS (its config
-builder) and, if its parameter names differ from the teacher's, a name map in the family table.
+layers), `mobilebert` (transformers' MobileBERT classes, built at random: nothing of the teacher fits them) and
+`auto` (the family's `auto_student`: DistilBERT for BERT, the teacher's own class otherwise). The default depth is
+half the teacher's (`default_num_layers`; MobileBERT: the teacher's). Adding a kind = an entry in STUDENT_ARCHS
+(its config builder) and, if its parameter names differ from the teacher's, a name map in the family table.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ STRATEGIES = ("every_other", "uniform", "first_k", "last_k", "explicit", "random
 WIDTH_KEYS = ("hidden_size", "num_attention_heads", "intermediate_size")
 # DistilBERT hard-codes its LayerNorm epsilon.
 DISTILBERT_LAYER_NORM_EPS = 1e-12
+MOBILEBERT_EMBEDDING_SIZE = 128
 
 
 def select_layers(strategy: str, n_teacher: int, n_student: int, layers: Sequence[int] | None = None
@@ -66,11 +68,14 @@ def uniform_layers(n_teacher: int, n_student: int) -> list[int]:
     return [(i + 1) * n_teacher // n_student - 1 for i in range(n_student)]
 
 
-def default_num_layers(n_teacher: int, strategy: str, layers: Sequence[int] | None) -> int:
-    """`student.num_layers: null`: as many layers as `init.layers` lists for init=explicit, else half the
-    teacher's, rounded down (the paper's 12 -> 6), at least 1."""
+def default_num_layers(n_teacher: int, strategy: str, layers: Sequence[int] | None, arch: str = "auto") -> int:
+    """`student.num_layers: null`: as many layers as `init.layers` lists for init=explicit; the teacher's depth for
+    a MobileBERT student (its feature maps match the teacher's layer for layer); else half the teacher's, rounded
+    down (the paper's 12 -> 6), at least 1."""
     if strategy == "explicit" and layers is not None:
         return len(layers)
+    if arch == "mobilebert":
+        return n_teacher
     return max(1, n_teacher // 2)
 
 
@@ -122,13 +127,34 @@ def _distilbert_config(teacher_config, family: Family, layer_map: Sequence[int |
     )
 
 
-STUDENT_ARCHS: dict[str, Callable] = {"distilbert": _distilbert_config, "same_arch": _same_arch_config}
+def _mobilebert_config(teacher_config, family: Family, layer_map: Sequence[int | None], hidden: int, heads: int,
+                       intermediate: int):
+    """MobileBERT blocks whose inter-block width is the teacher's hidden size, so every layer's output (its feature
+    map) matches the teacher's without a projection; `hidden` is the bottleneck (intra-block) width the attention
+    and the four stacked FFNs of `intermediate` width run at. The rest is MobileBERT's: 128-wide embeddings
+    (at most the inter-block width, which the MLM head's decoder extends them to) widened by a trigram
+    convolution, NoNorm, ReLU, queries and keys from a shared bottleneck."""
+    from transformers import MobileBertConfig
+
+    return MobileBertConfig(
+        vocab_size=teacher_config.vocab_size, max_position_embeddings=teacher_config.max_position_embeddings,
+        type_vocab_size=teacher_config.type_vocab_size, pad_token_id=teacher_config.pad_token_id,
+        hidden_size=teacher_config.hidden_size, num_hidden_layers=len(layer_map), intra_bottleneck_size=hidden,
+        num_attention_heads=heads, intermediate_size=intermediate, initializer_range=teacher_config.initializer_range,
+        embedding_size=min(MOBILEBERT_EMBEDDING_SIZE, teacher_config.hidden_size),
+    )
+
+
+STUDENT_ARCHS: dict[str, Callable] = {"distilbert": _distilbert_config, "same_arch": _same_arch_config,
+                                      "mobilebert": _mobilebert_config}
+# Kinds with no counterpart of the teacher's weights: built with init.strategy=random only.
+RANDOM_ONLY_ARCHS = ("mobilebert",)
 
 
 def student_config(teacher_config, arch: str, layer_map: Sequence[int | None], hidden_size: int | None = None,
                    num_attention_heads: int | None = None, intermediate_size: int | None = None):
-    """The student's transformers config: `arch` (auto, distilbert or same_arch) with one layer per entry of
-    `layer_map` (the teacher layer it starts from, None: random).
+    """The student's transformers config: `arch` (auto, distilbert, same_arch or mobilebert, whose `hidden_size` is
+    its bottleneck width) with one layer per entry of `layer_map` (the teacher layer it starts from, None: random).
 
     Width arguments left None keep the teacher's; a None intermediate size scales with the hidden size.
     """

@@ -5,6 +5,7 @@
     distil init-student teacher=roberta_base                               # a DistilRoBERTa-style student
     distil init-student teacher.name_or_path=microsoft/deberta-v3-base     # any family in models/families.py
     distil init-student init.strategy=random                               # the paper's ablation
+    distil init-student +experiment=mobilebert                             # a MobileBERT as deep as the teacher
 
 Defaults: half the teacher's layers (`student.num_layers: null`), DistilBERT classes for a BERT teacher and the
 teacher's own class for every other family (`student.arch: auto`).
@@ -29,6 +30,7 @@ from distilbert_cli.errors import UsageError
 from distilbert_cli.models.families import family_of
 from distilbert_cli.models.loading import count_parameters, load_config, load_masked_lm, load_tokenizer
 from distilbert_cli.models.student import (
+    RANDOM_ONLY_ARCHS,
     WIDTH_KEYS,
     default_num_layers,
     init_student_weights,
@@ -60,11 +62,14 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     n_teacher = teacher_config.num_hidden_layers
     num_layers = cfg.student.num_layers
     if num_layers is None:
-        num_layers = default_num_layers(n_teacher, cfg.init.strategy, cfg.init.layers)
+        num_layers = default_num_layers(n_teacher, cfg.init.strategy, cfg.init.layers, arch)
     layer_map = select_layers(cfg.init.strategy, n_teacher, num_layers, cfg.init.layers)
     student_config(teacher_config, arch, layer_map, cfg.student.hidden_size, cfg.student.num_attention_heads,
                    cfg.student.intermediate_size)  # its checks, before the stage opens
     copies_teacher = cfg.init.strategy != "random"
+    if copies_teacher and arch in RANDOM_ONLY_ARCHS:
+        raise UsageError(f"student.arch={arch} has no layer the teacher's weights fit: use init.strategy=random "
+                         "(e.g. +experiment=mobilebert)")
     teacher_widths = widths(teacher_config, family)
     narrower = [f"student.{key}={cfg.student[key]}" for key in WIDTH_KEYS
                 if cfg.student[key] is not None and cfg.student[key] != teacher_widths[key]]

@@ -40,11 +40,11 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         require_complete(cfg.run_dir, stage_name)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
-    # DDP must not wait for gradients of a head that no loss uses.
+    # DDP must not wait for gradients of a head that no loss uses, or of layers a progressive stage freezes.
+    unused_parameters = not plan.student_logits or cfg.train.progressive_transfer > 0
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=accumulation,
                               step_scheduler_with_optimizer=False,
-                              kwargs_handlers=[DistributedDataParallelKwargs(
-                                  find_unused_parameters=not plan.student_logits)])
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)])
     set_seed(cfg.seed, deterministic=cfg.train.deterministic)
 
     with open_stage(cfg, artifacts.DISTILL, overrides, keep_partial=True) as stage:

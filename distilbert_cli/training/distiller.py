@@ -9,45 +9,73 @@ from contextlib import AbstractContextManager
 import torch
 from torch import nn
 
-from distilbert_cli.models.families import mlm_head
+from distilbert_cli.models.families import attention_projection, mlm_head
 from distilbert_cli.models.student import uniform_layers
 from distilbert_cli.training.losses import LossPlan, compute_losses
 
 
 class MaskedLMRows(nn.Module):
-    """A masked LM (or a headless encoder) that computes vocabulary logits only at the rows a loss needs.
+    """A masked LM (or a headless encoder) that computes vocabulary logits only at the rows a loss needs, and
+    whatever else the loss plan asks of its layers.
 
     The vocabulary projection dominates a small model's cost, so the hidden states are gathered at the
-    chosen rows of the flattened [B*L] batch BEFORE the head. `projection` (a learned linear map to the
-    teacher's width, for L_hidden) is applied to the returned hidden states.
+    chosen rows of the flattened [B*L] batch BEFORE the head. `projections` holds the learned linear maps to the
+    teacher's width (TinyBERT's W_e for the embedding output, W_h for the layer outputs), trained with the
+    student and never saved with it. The attention projections' outputs are captured by forward hooks on the
+    modules the family table names (no model code patched), for the requested layers only.
     """
 
-    def __init__(self, model: nn.Module, projection: nn.Module | None = None):
+    def __init__(self, model: nn.Module, projections: nn.ModuleDict | None = None):
         super().__init__()
         self.model = model
-        self.projection = projection
+        self.projections = projections if projections is not None else nn.ModuleDict()
         self.head = mlm_head(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logit_rows: torch.Tensor | None = None,
-                hidden_layers: Sequence[int] = (), attention_layers: Sequence[int] = ()) -> dict:
-        outputs = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                        output_hidden_states=bool(hidden_layers),
-                                        output_attentions=bool(attention_layers))
-        result = {"last_hidden": outputs.last_hidden_state}
+                embeddings: bool = False, hidden_layers: Sequence[int] = (), attention_layers: Sequence[int] = (),
+                projections: Sequence[str] = ()) -> dict:
+        """Outputs for the loss terms: "last_hidden" always; "logits" at `logit_rows`; the "embeddings" output
+        and the outputs of `hidden_layers` (projected to the teacher's width where a projection is set); the
+        "query" / "key" / "value" projections (any of `projections`) of `attention_layers`, with the model's
+        attention "heads"."""
+        captured = {kind: [None] * len(attention_layers) for kind in projections}
+        hooks = [attention_projection(self.model, layer, kind).register_forward_hook(_store(captured[kind], i))
+                 for i, layer in enumerate(attention_layers) for kind in projections]
+        try:
+            outputs = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                            output_hidden_states=embeddings or bool(hidden_layers))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        result = {"last_hidden": outputs.last_hidden_state, **captured}
         if logit_rows is not None:
             result["logits"] = self.head(outputs.last_hidden_state.flatten(0, 1)[logit_rows])
+        # hidden_states[0] is the embedding output, so layer i's output is index i + 1.
+        if embeddings:
+            result["embeddings"] = self._project("embed", outputs.hidden_states[0])
         if hidden_layers:
-            states = [outputs.hidden_states[i] for i in hidden_layers]
-            result["hidden_states"] = [self.projection(s) for s in states] if self.projection else states
-        if attention_layers:
-            result["attentions"] = [outputs.attentions[i] for i in attention_layers]
+            result["hidden_states"] = [self._project("hidden", outputs.hidden_states[i + 1]) for i in hidden_layers]
+        if projections:
+            result["heads"] = self.model.config.num_attention_heads
         return result
 
+    def _project(self, name: str, states: torch.Tensor) -> torch.Tensor:
+        return self.projections[name](states) if name in self.projections else states
 
-def layer_pairs(student_layers: int, teacher_layers: int, layer_map: Sequence[int | None] | None
-                ) -> list[tuple[int, int]]:
-    """(student, teacher) layer pairs for L_hidden / L_attn: student layer i with the teacher layer it was
-    initialised from (init-student's layer_map), or the uniform TinyBERT map when there is none."""
+
+def _store(slots: list, index: int):
+    def hook(module, inputs, output):
+        slots[index] = output
+    return hook
+
+
+def layer_pairs(student_layers: int, teacher_layers: int, layer_map: Sequence[int | None] | None,
+                teacher_layer: int | None = None) -> list[tuple[int, int]]:
+    """(student, teacher) layer pairs for the layer-wise losses: with `teacher_layer` (MiniLM), the student's
+    last layer and that teacher layer (negative: from the top); otherwise student layer i with the teacher layer
+    it was initialised from (init-student's layer_map), or the uniform TinyBERT map when there is none."""
+    if teacher_layer is not None:
+        return [(student_layers - 1, teacher_layer % teacher_layers)]
     if layer_map is None or len(layer_map) != student_layers or None in layer_map:  # None: a random layer
         layer_map = uniform_layers(teacher_layers, student_layers)
     return [(i, int(t)) for i, t in enumerate(layer_map)]
@@ -57,18 +85,17 @@ def distillation_losses(student: nn.Module, teacher: nn.Module | None, batch: di
                         pairs: Sequence[tuple[int, int]], autocast: Callable[[], AbstractContextManager]) -> dict:
     """Forward the teacher (frozen, no grad) and the student on one micro batch; return the loss terms."""
     logit_rows = batch["target_rows"] if plan.logits_at_targets_only else batch["token_rows"]
-    # hidden_states[0] is the embedding output, so layer i's output is index i + 1; attentions[i] is layer i.
-    student_hidden = [0] + [s + 1 for s, _ in pairs] if plan.hidden_states else []
-    teacher_hidden = [0] + [t + 1 for _, t in pairs] if plan.hidden_states else []
+    layers = [s for s, _ in pairs], [t for _, t in pairs]
+    requests = [{"embeddings": plan.embeddings, "hidden_layers": side if plan.hidden_states else [],
+                 "attention_layers": side if plan.projections else [], "projections": plan.projections}
+                for side in layers]
     teacher_outputs = None
     if teacher is not None:
         with torch.no_grad(), autocast():
             teacher_outputs = teacher(batch["input_ids"], batch["attention_mask"],
-                                      logit_rows if plan.teacher_logits else None, teacher_hidden,
-                                      [t for _, t in pairs] if plan.attentions else [])
+                                      logit_rows if plan.teacher_logits else None, **requests[1])
     student_outputs = student(batch["input_ids"], batch["attention_mask"],
-                              logit_rows if plan.student_logits else None, student_hidden,
-                              [s for s, _ in pairs] if plan.attentions else [])
+                              logit_rows if plan.student_logits else None, **requests[0])
     return compute_losses(plan, student_outputs, teacher_outputs, batch)
 
 

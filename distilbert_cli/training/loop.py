@@ -21,6 +21,7 @@ from distilbert_cli.training.checkpoint import TrainerState, save_checkpoint
 from distilbert_cli.training.distiller import distillation_losses, to_device
 from distilbert_cli.training.losses import LOSS_TERMS
 from distilbert_cli.training.masking import derived_seed
+from distilbert_cli.training.progressive import enter
 from distilbert_cli.training.setup import Distillation, data_loader
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,17 @@ def train(run: Distillation, cfg: DictConfig, accelerator, out: DistillOutputs, 
     student.train()
     progress = tqdm(total=run.total_steps, initial=state.step, desc="distill", unit="step",
                     disable=not accelerator.is_main_process)
+    stage = None
     for step in range(state.step, run.total_steps):
+        if stage is None or step == stage.end:  # the loss, layer pairs and trainable parameters of this step
+            stage = enter(run.stages, step, accelerator.unwrap_model(student).model)
         step_loss = torch.zeros((), device=accelerator.device)
         for _ in range(run.accumulation):
             batch = to_device(next(loader), accelerator.device)
             torch.manual_seed(derived_seed(cfg.seed, batch["number"], DROPOUT_STREAM))
             with accelerator.accumulate(student):
-                losses = distillation_losses(student, run.teacher, batch, run.plan, run.pairs, accelerator.autocast)
+                losses = distillation_losses(student, run.teacher, batch, stage.plan, stage.pairs,
+                                             accelerator.autocast)
                 accelerator.backward(losses["loss"])
             step_loss += losses["loss"].detach()
             metrics.add(losses)
@@ -66,8 +71,8 @@ def train(run: Distillation, cfg: DictConfig, accelerator, out: DistillOutputs, 
         progress.update()
 
         last = state.step == run.total_steps
-        if state.step % cfg.train.log_every == 0 or last:
-            record = metrics.write(state, lr)
+        if state.step % cfg.train.log_every == 0 or state.step == stage.end:  # a log line ends every stage
+            record = metrics.write(state, lr, stage.name)
             progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if state.step % cfg.train.checkpoint_every == 0 or last:
             save_checkpoint(accelerator, out, state, run.resume_state, cfg.train.keep_last)
@@ -95,7 +100,7 @@ class MetricsLog:
             self.sums[name] = self.sums.get(name, 0.0) + value.detach()
         self.steps += 1
 
-    def write(self, state: TrainerState, lr: float) -> dict:
+    def write(self, state: TrainerState, lr: float, stage: str | None) -> dict:
         micro_batches = self.steps  # one add() per micro batch
         means = {name: self.accelerator.reduce(total, "mean").item() / micro_batches
                  for name, total in self.sums.items()}
@@ -103,7 +108,7 @@ class MetricsLog:
         record = {"step": state.step, "loss": means.pop("loss"),
                   **{f"loss_{name}": means[name] for name in LOSS_TERMS if name in means},
                   "lr": lr, "tokens_per_s": (state.tokens_seen - self.tokens_before) / seconds,
-                  "tokens_seen": state.tokens_seen}
+                  "tokens_seen": state.tokens_seen, **({"stage": stage} if stage is not None else {})}
         if self.accelerator.is_main_process:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")

@@ -18,12 +18,14 @@ from distilbert_cli import artifacts
 from distilbert_cli.artifacts import DistillOutputs, PreparedData
 from distilbert_cli.data.prepared import load_prepared
 from distilbert_cli.errors import UsageError
+from distilbert_cli.models.families import attention_projection
 from distilbert_cli.models.loading import load_config, load_frozen_teacher, load_model, load_tokenizer
 from distilbert_cli.rundir import Stage
 from distilbert_cli.training.checkpoint import TrainerState, clear_earlier_attempt, read_checkpoint, resume_checkpoint
 from distilbert_cli.training.distiller import MaskedLMRows, layer_pairs
 from distilbert_cli.training.losses import LossPlan
 from distilbert_cli.training.masking import DistillationBatches, MaskingSpec, StepLayout, masking_spec
+from distilbert_cli.training.progressive import TrainingStage, stages
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +36,12 @@ TEACHER_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 class Distillation:
     """A distillation run ready to train: what the loop reads and what validation reuses afterwards."""
 
-    plan: LossPlan
     layout: StepLayout
     total_steps: int
-    student: nn.Module  # MaskedLMRows over the student (and the hidden-state projection), prepared
+    student: nn.Module  # MaskedLMRows over the student (and the projections to the teacher's width), prepared
     teacher: nn.Module | None  # MaskedLMRows over the frozen teacher; None when no loss needs it
     teacher_has_mlm_head: bool
-    pairs: list[tuple[int, int]]  # (student, teacher) layers for the hidden / attention losses
+    stages: list[TrainingStage]  # the loss plan and layer pairs of each stage: one, or the progressive schedule
     optimizer: torch.optim.Optimizer
     scheduler: object
     batches: DistillationBatches
@@ -98,9 +99,33 @@ def check_compatible(student_config, teacher_config, teacher_has_mlm_head: bool,
     if plan.uses("cos") and student_config.hidden_size != teacher_config.hidden_size:
         raise UsageError(f"loss.alpha_cos needs equal hidden sizes (student {student_config.hidden_size}, teacher "
                          f"{teacher_config.hidden_size}); set loss.alpha_cos=0 (alpha_hidden learns a projection)")
-    if plan.attentions and student_config.num_attention_heads != teacher_config.num_attention_heads:
-        raise UsageError(f"loss.alpha_attn needs equal head counts (student {student_config.num_attention_heads}, "
-                         f"teacher {teacher_config.num_attention_heads})")
+    student_heads, teacher_heads = student_config.num_attention_heads, teacher_config.num_attention_heads
+    for name in ("attn", "attn_scores"):
+        if plan.uses(name) and student_heads != teacher_heads:
+            raise UsageError(f"loss.alpha_{name} needs equal head counts (student {student_heads}, teacher "
+                             f"{teacher_heads}); loss.alpha_attn_kl matches fewer student heads to groups of "
+                             "teacher heads")
+    if plan.uses("attn_kl") and teacher_heads % student_heads:
+        raise UsageError(f"loss.alpha_attn_kl: the student's {student_heads} attention heads must divide the "
+                         f"teacher's {teacher_heads} (each student head learns the mean of a group of teacher "
+                         "heads); set student.num_attention_heads at init-student")
+    layers = teacher_config.num_hidden_layers
+    if plan.teacher_layer is not None and not -layers <= plan.teacher_layer < layers:
+        raise UsageError(f"loss.teacher_layer={plan.teacher_layer}: the teacher has layers 0..{layers - 1} "
+                         "(negative counts from the top: -1 is the last)")
+
+
+def check_attention_projections(student: nn.Module, teacher: nn.Module, plan: LossPlan,
+                                pairs: list[tuple[int, int]]) -> None:
+    """The modules the attention and relation losses hook must be in the family table, and the relation heads
+    (the same number for both models) must divide each model's query, key or value width."""
+    (student_layer, teacher_layer), heads = pairs[0], plan.relation_heads or teacher.config.num_attention_heads
+    for kind in plan.projections:
+        widths = (attention_projection(student, student_layer, kind).out_features,
+                  attention_projection(teacher, teacher_layer, kind).out_features)
+        if plan.uses(f"{kind}_relation") and (widths[0] % heads or widths[1] % heads):
+            raise UsageError(f"loss.alpha_{kind}_relation: {heads} relation heads (loss.relation_heads) do not "
+                             f"divide the {kind} width of the student ({widths[0]}) and the teacher ({widths[1]})")
 
 
 def open_tracker(cfg: DictConfig, stage_dir: Path, is_main: bool):
@@ -158,10 +183,15 @@ def build(cfg: DictConfig, stage: Stage, accelerator, plan: LossPlan, accumulati
              accumulation, world_size, steps, steps / layout.steps_per_epoch, layout.steps_per_epoch,
              warmup_steps, {k: v for k, v in plan.weights.items() if v})
 
+    pairs = layer_pairs(student_config.num_hidden_layers, teacher_config.num_hidden_layers, init.layer_map,
+                        plan.teacher_layer) if teacher_config is not None else []
+    run_stages = stages(plan, pairs, cfg.train.progressive_transfer, steps)
+
     # What must not change across a resume
     resume_state = {
         "seed": cfg.seed, "loss": OmegaConf.to_container(cfg.loss), "masking": OmegaConf.to_container(cfg.masking),
         "optim": OmegaConf.to_container(cfg.optim), "mixed_precision": cfg.train.mixed_precision,
+        "progressive_transfer": cfg.train.progressive_transfer,
         "batch": {k: cfg.batch[k] for k in ("global_batch_size", "micro_batch_size", "group_window")},
         "world_size": world_size, "total_steps": steps,
         "inputs": {entry["stage"]: entry["fingerprint"] for entry in stage.inputs if "stage" in entry},
@@ -169,9 +199,7 @@ def build(cfg: DictConfig, stage: Stage, accelerator, plan: LossPlan, accumulati
     state = read_checkpoint(checkpoint, resume_state) if checkpoint is not None else TrainerState()
 
     # Models
-    attn_implementation = "eager" if plan.attentions else cfg.train.attn_implementation
-    if plan.attentions and cfg.train.attn_implementation != "eager":
-        log.info("loss.alpha_attn > 0: attention maps need eager attention (not %s)", cfg.train.attn_implementation)
+    attn_implementation = cfg.train.attn_implementation  # attention maps come from hooks, not the kernel
     student = load_model(AutoModelForMaskedLM, student_dir, trust, role="student",
                          attn_implementation=attn_implementation, dtype=torch.float32)
     teacher = None
@@ -181,12 +209,14 @@ def build(cfg: DictConfig, stage: Stage, accelerator, plan: LossPlan, accumulati
                                       attn_implementation=attn_implementation,
                                       dtype=TEACHER_DTYPES[cfg.train.mixed_precision])
     spec = masking_spec(cfg.masking, data_tokenizer, token_counts, student.config.vocab_size)
-    pairs = layer_pairs(student.config.num_hidden_layers, teacher.config.num_hidden_layers,
-                        init.layer_map) if teacher is not None else []
-    projection = None
-    if plan.hidden_states and student.config.hidden_size != teacher.config.hidden_size:
-        projection = nn.Linear(student.config.hidden_size, teacher.config.hidden_size)
-    distiller = MaskedLMRows(student, projection)
+    if teacher is not None:
+        check_attention_projections(student, teacher, plan, pairs)
+    # TinyBERT's W_e (embedding output) and W_h (layer outputs) to the teacher's width, dropped after training
+    projections = nn.ModuleDict({
+        name: nn.Linear(student.config.hidden_size, teacher.config.hidden_size)
+        for name, used in (("embed", plan.embeddings), ("hidden", plan.hidden_states))
+        if used and student.config.hidden_size != teacher.config.hidden_size})
+    distiller = MaskedLMRows(student, projections)
     teacher_rows = MaskedLMRows(teacher).to(accelerator.device) if teacher is not None else None
 
     optimizer = torch.optim.AdamW([p for p in distiller.parameters() if p.requires_grad], lr=cfg.optim.lr,
@@ -202,11 +232,12 @@ def build(cfg: DictConfig, stage: Stage, accelerator, plan: LossPlan, accumulati
         accelerator.load_state(str(checkpoint))
         log.info("resuming from %s at step %d", checkpoint, state.step)
     stage.update(world_size=world_size, accumulation=accumulation, total_steps=steps, warmup_steps=warmup_steps,
-                 resumed_from=str(checkpoint) if checkpoint else None, layer_pairs=pairs)
+                 resumed_from=str(checkpoint) if checkpoint else None, layer_pairs=pairs,
+                 stages=[{"name": s.name, "end_step": s.end, "losses": s.plan.used} for s in run_stages])
 
     batches = DistillationBatches(train_split, lengths, layout, spec, cfg.seed, cfg.batch.group_window,
                                   accelerator.process_index, state.step, steps)
-    return Distillation(plan, layout, steps, distiller, teacher_rows, init.teacher_has_mlm_head, pairs, optimizer,
+    return Distillation(layout, steps, distiller, teacher_rows, init.teacher_has_mlm_head, run_stages, optimizer,
                         scheduler, batches, state, resume_state, checkpoint, load_tokenizer(student_dir, trust),
                         validation_split, spec)
 

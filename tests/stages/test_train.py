@@ -194,7 +194,7 @@ def test_hidden_and_attention_losses_train_a_narrower_student_through_a_projecti
     assert set(metrics(run_dir)[0]) == {"step", "loss", "loss_hidden", "loss_attn", "lr", "tokens_per_s",
                                         "tokens_seen"}
     checkpoint = torch.load(run_dir / "distill" / "checkpoints" / "step-2" / "pytorch_model.bin")
-    assert checkpoint["projection.weight"].shape == (32, 16)  # learned with the student, not saved in final/
+    assert checkpoint["projections.hidden.weight"].shape == (32, 16)  # learned with the student, not saved in final/
     assert not any(name.startswith("projection") for name in final_weights(run_dir))
 
 

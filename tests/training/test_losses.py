@@ -6,31 +6,28 @@ import math
 from contextlib import nullcontext
 
 import torch
-from omegaconf import OmegaConf
+from builders import loss_config
 from torch import nn
 from torch.testing import assert_close
 
 from distilbert_cli.training.distiller import distillation_losses
 from distilbert_cli.training.losses import (
     LossPlan,
+    attention_kl_loss,
     attention_mse_loss,
+    attention_probabilities,
     compute_losses,
     cosine_loss,
+    head_scores,
     hidden_mse_loss,
     logits_mse_loss,
     mlm_loss,
+    relation_kl_loss,
     soft_target_loss,
 )
 
 # softmax([ln 3, 0]) = [0.75, 0.25] against [0.5, 0.5]: KL = 0.75 ln 1.5 + 0.25 ln 0.5
 KL_3_TO_1 = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
-
-
-def loss_config(**weights) -> OmegaConf:
-    values = {"alpha_ce": 0.0, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_mse": 0.0, "alpha_hidden": 0.0,
-              "alpha_attn": 0.0, "temperature": 2.0, "restrict_ce_to_mask": False}
-    values.update(weights)
-    return OmegaConf.create(values)
 
 
 def test_kl_of_identical_logits_is_zero():
@@ -76,30 +73,120 @@ def test_logits_mse_is_summed_over_the_vocabulary_and_averaged_over_rows():
     assert_close(logits_mse_loss(student, torch.zeros(2, 2)), torch.tensor((1 + 4) / 2))
 
 
-def test_hidden_mse_averages_the_layer_pairs():
+def test_hidden_mse_sums_the_layer_pairs():
     student = [torch.zeros(2, 3), torch.ones(2, 3)]
-    teacher = [torch.full((2, 3), 2.0), torch.ones(2, 3)]
-    assert_close(hidden_mse_loss(student, teacher), torch.tensor((4.0 + 0.0) / 2))
+    teacher = [torch.full((2, 3), 2.0), torch.full((2, 3), 2.0)]
+    assert_close(hidden_mse_loss(student, teacher), torch.tensor(4.0 + 1.0))  # TinyBERT's code sums the layers
 
 
-def test_attention_mse_ignores_padded_queries_and_keys():
+def test_attention_mse_ignores_padded_queries_and_keys_and_sums_the_layers():
     attention_mask = torch.tensor([[1, 0]])
     teacher = torch.full((1, 1, 2, 2), 9.0)
     teacher[0, 0, 0, 0] = 0.5  # the only real (query, key) pair
     assert_close(attention_mse_loss([torch.zeros(1, 1, 2, 2)], [teacher], attention_mask), torch.tensor(0.25))
+    assert_close(attention_mse_loss([torch.zeros(1, 1, 2, 2)] * 2, [teacher] * 2, attention_mask), torch.tensor(0.5))
+
+
+def test_head_scores_are_scaled_dot_products_per_head():
+    queries = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # [B=1, L=2, d=2]
+    keys = torch.tensor([[[2.0, 0.0], [1.0, 1.0]]])
+    # One head of width 2: q.k / sqrt(2)
+    assert_close(head_scores(queries, keys, heads=1), torch.tensor([[[[2.0, 1.0], [0.0, 1.0]]]]) / math.sqrt(2))
+    # Two heads of width 1: head h multiplies the h-th coordinates
+    assert_close(head_scores(queries, keys, heads=2), torch.tensor([[[[2.0, 1.0], [0.0, 0.0]],
+                                                                     [[0.0, 0.0], [0.0, 1.0]]]]))
+
+
+def test_attention_probabilities_give_pad_keys_nothing():
+    probabilities = attention_probabilities(torch.zeros(1, 1, 2, 3), torch.tensor([[1, 1, 0]]))
+    assert_close(probabilities, torch.tensor([0.5, 0.5, 0.0]).expand(1, 1, 2, 3))
+
+
+def test_attention_kl_matches_hand_computed_value_over_real_queries_and_keys():
+    mask = torch.tensor([[1, 1, 0]])  # position 2 is padding
+    teacher = torch.full((1, 1, 3, 3), 7.0)  # garbage at the pad query (row 2) and the pad key (column 2)
+    teacher[0, 0, 0, :2] = torch.tensor([math.log(3.0), 0.0])  # query 0: [0.75, 0.25]
+    teacher[0, 0, 1, :2] = 0.0  # query 1: uniform, like the student
+    student = torch.zeros(1, 1, 3, 3)
+    # KL 3:1 against 1:1 at query 0, 0 at query 1: averaged over the 2 real queries and the head
+    assert_close(attention_kl_loss([student], [teacher], mask), torch.tensor(KL_3_TO_1 / 2))
+    assert_close(attention_kl_loss([student] * 2, [teacher] * 2, mask), torch.tensor(KL_3_TO_1))  # summed layers
+
+
+def test_attention_kl_averages_groups_of_teacher_heads_for_fewer_student_heads():
+    mask = torch.ones(1, 2, dtype=torch.long)
+    teacher = torch.zeros(1, 2, 2, 2)
+    teacher[0, 0, :, 0] = math.log(3.0)  # head 0 attends 3:1 to key 0, head 1 3:1 to key 1: their mean is uniform
+    teacher[0, 1, :, 1] = math.log(3.0)
+    uniform_student = torch.zeros(1, 1, 2, 2)
+    assert_close(attention_kl_loss([uniform_student], [teacher], mask), torch.tensor(0.0), atol=1e-6, rtol=0)
+    assert_close(attention_kl_loss([torch.zeros(1, 2, 2, 2)], [teacher], mask), torch.tensor(KL_3_TO_1))
+
+
+def test_relation_kl_matches_hand_computed_value():
+    mask = torch.ones(1, 2, dtype=torch.long)
+    # One relation head of width 2: t0.t0 / sqrt(2) = ln 3, every other product 0, so query 0's relation is
+    # softmax([ln 3, 0]) = [0.75, 0.25] and query 1's is uniform.
+    teacher = torch.tensor([[[math.sqrt(math.sqrt(2) * math.log(3.0)), 0.0], [0.0, 0.0]]])
+    assert_close(relation_kl_loss([torch.zeros(1, 2, 2)], [teacher], heads=1, attention_mask=mask),
+                 torch.tensor(KL_3_TO_1 / 2))
+
+
+def test_relation_kl_is_invariant_to_the_students_width():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    teacher, student = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    # A student twice as wide whose every relation head holds its head twice, scaled by 2^-1/4, has the same
+    # relations (x.x / sqrt(2 d) = 2 * 2^-1/2 * x.x / sqrt(2) / sqrt(d)), so the same loss.
+    wider = torch.cat([student.unflatten(-1, (2, 4))] * 2, dim=-1).flatten(-2) * 2**-0.25
+    assert wider.shape == (2, 5, 16)
+    assert_close(relation_kl_loss([wider], [teacher], heads=2, attention_mask=mask),
+                 relation_kl_loss([student], [teacher], heads=2, attention_mask=mask))
+    copy = torch.cat([teacher.unflatten(-1, (2, 4))] * 2, dim=-1).flatten(-2) * 2**-0.25
+    assert_close(relation_kl_loss([copy], [teacher], heads=2, attention_mask=mask), torch.tensor(0.0),
+                 atol=1e-6, rtol=0)
+
+
+def test_attention_and_relation_terms_read_the_captured_projections():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    student = {**{kind: [torch.randn(2, 3, 4)] for kind in ("query", "key", "value")}, "heads": 2}
+    teacher = {**{kind: [torch.randn(2, 3, 8)] for kind in ("query", "key", "value")}, "heads": 4}
+    plan = LossPlan.from_config(loss_config(alpha_attn_kl=1.0, alpha_value_relation=2.0))
+    losses = compute_losses(plan, student, teacher, {"attention_mask": mask})
+    assert_close(losses["attn_kl"], attention_kl_loss([head_scores(student["query"][0], student["key"][0], 2)],
+                                                      [head_scores(teacher["query"][0], teacher["key"][0], 4)], mask))
+    # relation_heads null: the teacher's 4 attention heads (MiniLM's per-head value relation)
+    assert_close(losses["value_relation"], relation_kl_loss(student["value"], teacher["value"], 4, mask))
+    assert_close(losses["loss"], losses["attn_kl"] + 2 * losses["value_relation"])
+    with_heads = LossPlan.from_config(loss_config(alpha_value_relation=1.0, relation_heads=2))
+    assert_close(compute_losses(with_heads, student, teacher, {"attention_mask": mask})["value_relation"],
+                 relation_kl_loss(student["value"], teacher["value"], 2, mask))
 
 
 def test_plan_needs_only_what_nonzero_weights_use():
     mlm_only = LossPlan.from_config(loss_config(alpha_mlm=1.0))
     assert not mlm_only.needs_teacher and not mlm_only.teacher_logits and mlm_only.logits_at_targets_only
     no_ce = LossPlan.from_config(loss_config(alpha_mlm=2.0, alpha_cos=1.0))
-    assert no_ce.needs_teacher and not no_ce.teacher_logits and not no_ce.attentions and not no_ce.hidden_states
+    assert no_ce.needs_teacher and not no_ce.teacher_logits and not no_ce.projections and not no_ce.hidden_states
     triple = LossPlan.from_config(loss_config(alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0))
     assert triple.teacher_logits and not triple.logits_at_targets_only
     restricted = LossPlan.from_config(loss_config(alpha_ce=5.0, restrict_ce_to_mask=True))
     assert restricted.teacher_logits and restricted.logits_at_targets_only
     hidden_only = LossPlan.from_config(loss_config(alpha_hidden=1.0))
     assert hidden_only.needs_teacher and not hidden_only.student_logits and hidden_only.hidden_states
+    assert hidden_only.projections == () and not hidden_only.embeddings
+    tinybert = LossPlan.from_config(loss_config(alpha_embed=1.0, alpha_hidden=1.0, alpha_attn_scores=1.0))
+    assert tinybert.embeddings and tinybert.projections == ("query", "key") and not tinybert.teacher_logits
+    minilmv2 = LossPlan.from_config(loss_config(alpha_query_relation=1.0, alpha_value_relation=1.0))
+    assert minilmv2.projections == ("query", "value") and not minilmv2.hidden_states
+
+
+def test_a_progressive_stage_plan_keeps_the_layerwise_terms_or_the_others():
+    plan = LossPlan.from_config(loss_config(alpha_ce=0.5, alpha_mlm=0.5, alpha_hidden=1.0, alpha_attn_kl=1.0))
+    assert plan.only(layerwise=True).used == ["hidden", "attn_kl"]
+    assert plan.only(layerwise=False).used == ["mlm", "ce"]
+    assert not plan.only(layerwise=True).student_logits and plan.only(layerwise=False).teacher_logits
 
 
 def small_batch() -> dict:
@@ -147,17 +234,20 @@ class RecordingModel(nn.Module):
         self.weight = nn.Parameter(torch.ones(()))
         self.vocab, self.width, self.calls = vocab, width, []
 
-    def forward(self, input_ids, attention_mask, logit_rows=None, hidden_layers=(), attention_layers=()):
-        self.calls.append({"logit_rows": logit_rows, "hidden_layers": list(hidden_layers),
-                           "attention_layers": list(attention_layers)})
+    def forward(self, input_ids, attention_mask, logit_rows=None, embeddings=False, hidden_layers=(),
+                attention_layers=(), projections=()):
+        self.calls.append({"logit_rows": logit_rows, "embeddings": embeddings, "hidden_layers": list(hidden_layers),
+                           "attention_layers": list(attention_layers), "projections": tuple(projections)})
         batch, length = input_ids.shape
-        out = {"last_hidden": self.weight * torch.ones(batch, length, self.width)}
+        out = {"last_hidden": self.weight * torch.ones(batch, length, self.width), "heads": 1}
         if logit_rows is not None:
             out["logits"] = self.weight * torch.zeros(len(logit_rows), self.vocab)
+        if embeddings:
+            out["embeddings"] = out["last_hidden"]
         if hidden_layers:
             out["hidden_states"] = [out["last_hidden"] for _ in hidden_layers]
-        if attention_layers:
-            out["attentions"] = [self.weight * torch.ones(batch, 1, length, length) for _ in attention_layers]
+        for kind in projections:
+            out[kind] = [out["last_hidden"] for _ in attention_layers]
         return out
 
 
@@ -185,12 +275,20 @@ def test_logits_at_every_real_token_unless_restricted_to_the_masked_positions():
 
 
 def test_hidden_and_attention_terms_request_the_paired_layers():
-    student, teacher, losses = run_step(alpha_hidden=1.0, alpha_attn=1.0)
-    # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1].
-    assert student["hidden_layers"] == [0, 1, 2] and teacher["hidden_layers"] == [0, 2, 4]
+    student, teacher, losses = run_step(alpha_embed=1.0, alpha_hidden=1.0, alpha_attn_scores=1.0)
+    assert student["embeddings"] and teacher["embeddings"]
+    assert student["hidden_layers"] == [0, 1] and teacher["hidden_layers"] == [1, 3]
     assert student["attention_layers"] == [0, 1] and teacher["attention_layers"] == [1, 3]
+    assert student["projections"] == teacher["projections"] == ("query", "key")
     assert student["logit_rows"] is None and teacher["logit_rows"] is None
-    assert set(losses) == {"hidden", "attn", "loss"}
+    assert set(losses) == {"embed", "hidden", "attn_scores", "loss"}
+
+
+def test_value_relation_requests_the_values_only():
+    student, teacher, losses = run_step(alpha_value_relation=1.0)
+    assert student["projections"] == teacher["projections"] == ("value",)
+    assert student["hidden_layers"] == [] and not student["embeddings"]
+    assert set(losses) == {"value_relation", "loss"}
 
 
 def test_mlm_only_runs_without_a_teacher():
