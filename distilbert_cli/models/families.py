@@ -194,6 +194,9 @@ MOBILEBERT = Family(
 )
 
 FAMILIES: tuple[Family, ...] = (BERT, ROBERTA, ELECTRA, DEBERTA_V2, MODERNBERT, DISTILBERT, MOBILEBERT)
+# The families a teacher may come from: MobileBERT is a student kind here (its bottleneck blocks and stacked FFNs
+# are not distilled from).
+TEACHER_FAMILIES: tuple[Family, ...] = tuple(family for family in FAMILIES if family is not MOBILEBERT)
 
 
 def find_family(config) -> Family | None:
@@ -201,11 +204,11 @@ def find_family(config) -> Family | None:
     return next((family for family in FAMILIES if config.model_type in family.model_types), None)
 
 
-def family_of(config, role: str = "model") -> Family:
-    """The family of a transformers config, or a UsageError naming the supported model types."""
-    if (family := find_family(config)) is not None:
+def family_of(config, role: str = "model", among: tuple[Family, ...] = FAMILIES) -> Family:
+    """The family of a transformers config (one of `among`), or a UsageError naming the supported model types."""
+    if (family := find_family(config)) in among:
         return family
-    supported = ", ".join(t for family in FAMILIES for t in family.model_types)
+    supported = ", ".join(t for family in among for t in family.model_types)
     raise UsageError(f"{role} is a {config.model_type!r} model, which is not supported (supported: {supported})")
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from distilbert_cli.errors import UsageError
-from distilbert_cli.models.families import DISTILBERT, Family, family_of, family_of_model
+from distilbert_cli.models.families import DISTILBERT, TEACHER_FAMILIES, Family, family_of, family_of_model
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def student_config(teacher_config, arch: str, layer_map: Sequence[int | None], h
 
     Width arguments left None keep the teacher's; a None intermediate size scales with the hidden size.
     """
-    family = family_of(teacher_config, role="the teacher")
+    family = family_of(teacher_config, role="the teacher", among=TEACHER_FAMILIES)
     arch = resolve_arch(arch, family)
     teacher = widths(teacher_config, family)
     hidden = hidden_size or teacher["hidden_size"]

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
-from distilbert_cli.models.families import family_of
+from distilbert_cli.models.families import TEACHER_FAMILIES, family_of
 from distilbert_cli.models.loading import count_parameters, load_config, load_masked_lm, load_tokenizer
 from distilbert_cli.models.student import (
     RANDOM_ONLY_ARCHS,
@@ -57,7 +57,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
 
     teacher_name, trust = cfg.teacher.name_or_path, cfg.trust_remote_code
     teacher_config = load_config(teacher_name, trust, role="teacher")
-    family = family_of(teacher_config, role=f"teacher {teacher_name!r}")
+    family = family_of(teacher_config, role=f"teacher {teacher_name!r}", among=TEACHER_FAMILIES)
     arch = resolve_arch(cfg.student.arch, family)
     n_teacher = teacher_config.num_hidden_layers
     num_layers = cfg.student.num_layers

@@ -12,7 +12,14 @@ from torch.testing import assert_close
 from transformers import AutoModelForMaskedLM, AutoModelForQuestionAnswering, AutoTokenizer
 
 from distilbert_cli.errors import UsageError
-from distilbert_cli.models.families import FAMILIES, family_of, family_of_model, max_sequence_length, mlm_head
+from distilbert_cli.models.families import (
+    FAMILIES,
+    TEACHER_FAMILIES,
+    family_of,
+    family_of_model,
+    max_sequence_length,
+    mlm_head,
+)
 from distilbert_cli.models.loading import load_frozen_teacher, load_masked_lm
 from distilbert_cli.models.student import (
     default_num_layers,
@@ -163,7 +170,7 @@ def test_default_depth_is_half_the_teachers(teacher_layers, student_layers):
 def test_auto_is_distilbert_for_bert_only():
     assert {family.name: resolve_arch("auto", family) for family in FAMILIES} == {
         "bert": "distilbert", "roberta": "same_arch", "electra": "same_arch", "deberta-v2": "same_arch",
-        "modernbert": "same_arch", "distilbert": "same_arch"}
+        "modernbert": "same_arch", "distilbert": "same_arch", "mobilebert": "same_arch"}
     assert resolve_arch("same_arch", FAMILIES[0]) == "same_arch"
 
 
@@ -172,7 +179,7 @@ def test_unsupported_family_names_the_supported_ones():
 
     with pytest.raises(UsageError, match=r"'gpt2' model, which is not supported \(supported: bert, roberta, "
                                          r"xlm-roberta, camembert, electra, deberta-v2, modernbert, distilbert\)"):
-        family_of(GPT2Config())
+        family_of(GPT2Config(), among=TEACHER_FAMILIES)
 
 
 def test_a_model_without_its_familys_layout_is_refused(tiny_teacher):
@@ -194,7 +201,7 @@ def test_max_sequence_length_leaves_out_robertas_rows_before_the_first_position(
 
 
 def test_every_family_has_a_tiny_teacher():
-    assert {family for family, _ in EXPECTED.values()} == {family.name for family in FAMILIES}
+    assert {family for family, _ in EXPECTED.values()} == {family.name for family in TEACHER_FAMILIES}
     assert set(EXPECTED) == set(TINY_TEACHERS)
 
 
