@@ -102,7 +102,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             records = evaluate_model_dirs(cfg, model_dirs, stage.path)
             data, notes = describe_data(tasks, cfg.task.data_dir), []
         else:
-            finetune_dir = stage.use_stage(cfg.run_dir, artifacts.FINETUNE)
+            finetune_dir = stage.use_stage(cfg.run_dir, artifacts.FINETUNE, reads=artifacts.FINETUNE_PREDICTIONS)
             records = collect_finetuned(finetune_dir, tasks)
             data, notes = finetune_notes(finetune_dir, tasks)
         if cfg.eval.note is not None:
