@@ -116,9 +116,9 @@ def combined_fingerprint(digests: dict[str, str]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def fingerprint(path: Path, unfingerprinted: Sequence[str] = ()) -> str:
+def fingerprint(path: Path) -> str:
     """One sha256 over the relative names and contents of every file under `path` (or of one file)."""
-    return combined_fingerprint(file_digests(path, unfingerprinted))
+    return combined_fingerprint(file_digests(path))
 
 
 def package_versions() -> dict[str, str]:

@@ -40,43 +40,45 @@ def train(run: Distillation, cfg: DictConfig, accelerator, out: DistillOutputs, 
     student.train()
     progress = tqdm(total=run.total_steps, initial=state.step, desc="distill", unit="step",
                     disable=not accelerator.is_main_process)
-    for step in range(state.step, run.total_steps):
-        step_loss = torch.zeros((), device=accelerator.device)
-        for _ in range(run.accumulation):
-            batch = to_device(next(loader), accelerator.device)
-            torch.manual_seed(derived_seed(cfg.seed, batch["number"], DROPOUT_STREAM))
-            with accelerator.accumulate(student):
-                losses = distillation_losses(student, run.teacher, batch, run.plan, run.pairs, accelerator.autocast)
-                accelerator.backward(losses["loss"])
-            step_loss += losses["loss"].detach()
-            metrics.add(losses)
-        lr = run.scheduler.get_last_lr()[0]
-        if bool(accelerator.gather(torch.isfinite(step_loss).float().reshape(1)).all()):
-            if cfg.optim.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
-            run.optimizer.step()
-        else:
-            state.bad_steps += 1
-            log.warning("step %d: non-finite loss %s, update skipped (%d so far)", step + 1, step_loss.item(),
-                        state.bad_steps)
-            if state.bad_steps > cfg.train.max_bad_steps:
-                raise UsageError(f"training diverged: non-finite loss at {state.bad_steps} steps, the last at step "
-                                 f"{step + 1} (train.max_bad_steps={cfg.train.max_bad_steps}); lower optim.lr or "
-                                 "check the data")
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        state.step, state.tokens_seen = step + 1, state.tokens_seen + run.batches.step_tokens(step)
-        progress.update()
+    try:
+        for step in range(state.step, run.total_steps):
+            step_loss = torch.zeros((), device=accelerator.device)
+            for _ in range(run.accumulation):
+                batch = to_device(next(loader), accelerator.device)
+                torch.manual_seed(derived_seed(cfg.seed, batch["number"], DROPOUT_STREAM))
+                with accelerator.accumulate(student):
+                    losses = distillation_losses(student, run.teacher, batch, run.plan, run.pairs, accelerator.autocast)
+                    accelerator.backward(losses["loss"])
+                step_loss += losses["loss"].detach()
+                metrics.add(losses)
+            lr = run.scheduler.get_last_lr()[0]
+            if bool(accelerator.gather(torch.isfinite(step_loss).float().reshape(1)).all()):
+                if cfg.optim.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
+                run.optimizer.step()
+            else:
+                state.bad_steps += 1
+                log.warning("step %d: non-finite loss %s, update skipped (%d so far)", step + 1, step_loss.item(),
+                            state.bad_steps)
+                if state.bad_steps > cfg.train.max_bad_steps:
+                    raise UsageError(f"training diverged: non-finite loss at {state.bad_steps} steps, the last at step "
+                                     f"{step + 1} (train.max_bad_steps={cfg.train.max_bad_steps}); lower optim.lr or "
+                                     "check the data")
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            state.step, state.tokens_seen = step + 1, state.tokens_seen + run.batches.step_tokens(step)
+            progress.update()
 
-        last = state.step == run.total_steps
-        if state.step % cfg.train.log_every == 0 or last:
-            record = metrics.write(state, lr)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if state.step % cfg.train.checkpoint_every == 0 or last:
-            state.log_window = metrics.window()
-            save_checkpoint(accelerator, out, state, run.resume_state, cfg.train.keep_last, student, run.optimizer,
-                            run.scheduler)
-    progress.close()
+            last = state.step == run.total_steps
+            if state.step % cfg.train.log_every == 0 or last:
+                record = metrics.write(state, lr)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if state.step % cfg.train.checkpoint_every == 0 or last:
+                state.log_window = metrics.window()
+                save_checkpoint(accelerator, out, state, run.resume_state, cfg.train.keep_last, student, run.optimizer,
+                                run.scheduler)
+    finally:
+        progress.close()  # before any error line, which must not share the bar's line
     if state.bad_steps >= state.step:
         raise UsageError(f"training did no work: all {state.step} steps had a non-finite loss and were skipped, so "
                          "the student still has its initial weights; lower optim.lr or check loss.* and the data")
