@@ -303,14 +303,16 @@ def _prepare_stage_dir(stage_dir: Path, overwrite: bool, keep_partial: bool) -> 
     remove_temporaries(stage_dir)  # what a killed attempt was writing
 
 
-def _disk_full_message(stage: str, stage_dir: Path, exc: BaseException) -> str:
-    where = next((e.filename for e in (exc, exc.__cause__, exc.__context__)
-                  if isinstance(e, OSError) and e.filename), None) or stage_dir
-    try:
-        free = f" ({shutil.disk_usage(stage_dir).free / 1e6:.1f} MB free there now)"
-    except OSError:
-        free = ""
-    return f"stage {stage} ran out of disk space writing {where}{free}"
+def _failed_write(exc: BaseException, stage_dir: Path) -> Path:
+    """What a write that failed was writing: the file its error names, else the temporary file or folder written
+    last (the libraries that write weights and Arrow files do not name it), else the stage folder."""
+    named = next((e.filename for e in (exc, exc.__cause__, exc.__context__) if isinstance(e, OSError) and e.filename),
+                 None)
+    if named:
+        return Path(named)
+    written = [path for tmp in stage_dir.rglob(f"{TEMPORARY_PREFIX}*")
+               for path in (tmp, *(tmp.rglob("*") if tmp.is_dir() else ()))]
+    return max(written, key=lambda path: path.stat().st_mtime_ns, default=stage_dir)
 
 
 @contextmanager
@@ -369,6 +371,8 @@ def _mark_failed(current: Stage, exc: BaseException) -> None:
     """Remove the temporaries and say `failed`; a full disk becomes a UsageError naming the stage and path."""
     if not is_main_process():
         return
+    disk_full = is_disk_full(exc)
+    where = _failed_write(exc, current.path) if disk_full else None
     remove_temporaries(current.path)
     current.manifest.update(status="failed", ended_at=_now())
     try:
@@ -378,6 +382,10 @@ def _mark_failed(current: Stage, exc: BaseException) -> None:
         unmarked = (f"; its manifest could not even be marked failed ({first_line(write_error)}), so it still "
                     "says running (never complete)")
         log.error("%s: cannot mark the stage failed: %s", current.path / MANIFEST, first_line(write_error))
-    if is_disk_full(exc):
-        raise UsageError(f"{_disk_full_message(current.name, current.path, exc)}; temporary files removed, the "
-                         f"stage is failed{unmarked}") from exc
+    if disk_full:
+        try:
+            free = f" ({shutil.disk_usage(current.path).free / 1e6:.1f} MB free there now)"
+        except OSError:
+            free = ""
+        raise UsageError(f"stage {current.name} ran out of disk space writing {where}{free}; temporary files "
+                         f"removed, the stage is failed{unmarked}") from exc

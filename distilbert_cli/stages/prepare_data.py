@@ -80,10 +80,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
         out = artifacts.PreparedData(stage.path)
         work_dir = temporary_path(stage.path / "work")
         work_dir.mkdir()
-        try:
-            stats = build_prepared(cfg, tokenizer, files, out, work_dir, time.perf_counter() - started)
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        stats = build_prepared(cfg, tokenizer, files, out, work_dir, time.perf_counter() - started)
+        shutil.rmtree(work_dir)  # on failure open_stage removes it (and names it if the disk was full)
         tokenizer.save_pretrained(out.tokenizer)
         write_json_atomic(out.stats, stats)
         stage.update(sequences=stats["sequences_written"], tokens=stats["tokens_written"])
