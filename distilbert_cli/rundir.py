@@ -268,7 +268,10 @@ def stage_lock(run_dir: Path, stage: str) -> Iterator[dict | None]:
     def claim(fd: int) -> None:  # runs holding the flock: read what a dead holder left, then name ourselves
         left_behind.append(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        try:
+            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        except OSError as exc:  # e.g. a full disk: name the file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
     lock = FileLock(path, timeout=0, on_acquired=claim, preserve_lock_file=True)
     try:

@@ -116,7 +116,7 @@ def test_full_disk_in_prepare_data_even_for_the_failed_manifest(tmp_path, tiny_t
 
 def test_full_disk_before_the_stage_folder_exists(run_dir, monkeypatch):
     def full(fd, data, offset):
-        raise disk_full(rundir.lock_path(run_dir, "distill"))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as os.pwrite raises it: no file name
 
     monkeypatch.setattr(rundir.os, "pwrite", full)
     assert_refused(train(run_dir), "error: distil train ran out of disk space ([Errno 28] No space left on device: "
