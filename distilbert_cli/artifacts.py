@@ -8,6 +8,10 @@ stages read. The stage that writes a file and every stage that reads it name it 
     <run_dir>/evaluate/      results.json, results.md
     <run_dir>/bench-cpu/     results.json, results.md, latency.png
     <run_dir>/report/        report.md and the charts it embeds
+
+`UNFINGERPRINTED` names, per stage, the files that record how the run went rather than what it made (timings,
+the stage's own checkpoints, tracker files): a stage's fingerprint, which the stages consuming it verify and a
+resumed run compares, covers everything else, so a byte-identical re-run has the same fingerprint.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from distilbert_cli.rundir import read_manifest, require_complete
+from distilbert_cli.errors import unreadable
+from distilbert_cli.rundir import MANIFEST, read_manifest, require_complete
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,7 @@ STAGES = (PREPARE_DATA, INIT_STUDENT, DISTILL, FINETUNE, EVALUATE, BENCH_CPU, RE
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+PREDICTIONS_JSONL = "predictions.jsonl"
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,7 @@ class FinetuneRun:
 
     @property
     def predictions(self) -> Path:
-        return self.path / "predictions.jsonl"
+        return self.path / PREDICTIONS_JSONL
 
     @property
     def metrics(self) -> Path:
@@ -149,23 +155,63 @@ def finetuned_models(finetune_dir: Path) -> list[str]:
     return sorted(path.name for path in finetune_dir.iterdir() if path.is_dir())
 
 
+# stats.json and finetune's metrics.json hold timings; metrics.jsonl throughput; checkpoints/ and wandb/ are the
+# distill stage's own resume state and tracker files.
+UNFINGERPRINTED = {PREPARE_DATA: ("stats.json",), DISTILL: ("metrics.jsonl", "checkpoints", "wandb"),
+                   FINETUNE: ("metrics.json",)}
+FINETUNE_PREDICTIONS = f"*/{PREDICTIONS_JSONL}"  # what evaluate reads of the finetune stage
+
+
 def read_json(path: Path):
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise unreadable(path, exc) from exc
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_jsonl(path: Path, drop_torn_tail: bool = False) -> list[dict]:
+    """One record per line. `drop_torn_tail`: a last line cut short by a killed writer (no newline, not JSON) is
+    dropped with a warning instead of making the file unreadable."""
+    try:
+        text = path.read_text()
+    except (OSError, ValueError) as exc:
+        raise unreadable(path, exc) from exc
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            if drop_torn_tail and number == len(lines) and not text.endswith("\n"):
+                log.warning("%s: dropped its last line, cut short by an interrupted write: %r", path, line[:60])
+                continue
+            raise unreadable(path, f"line {number}: {exc}") from exc
+        if not isinstance(record, dict):
+            raise unreadable(path, f"line {number} is not a JSON object")
+        records.append(record)
+    return records
 
 
 def init_student_facts(run_dir: str | Path) -> InitStudentFacts:
     """The facts of the run's complete init-student stage."""
-    manifest = read_manifest(require_complete(run_dir, INIT_STUDENT))
-    return InitStudentFacts(**{field.name: manifest[field.name] for field in fields(InitStudentFacts)})
+    names = [field.name for field in fields(InitStudentFacts)]
+    manifest = _init_student_manifest(run_dir, names)
+    return InitStudentFacts(**{name: manifest[name] for name in names})
 
 
 def recorded_teacher(run_dir: str | Path) -> str:
     """The teacher (hub name or local path) that the run's complete init-student stage was built from."""
-    return read_manifest(require_complete(run_dir, INIT_STUDENT))["teacher"]
+    return _init_student_manifest(run_dir, ["teacher"])["teacher"]
+
+
+def _init_student_manifest(run_dir: str | Path, needed: list[str]) -> dict:
+    stage_dir = require_complete(run_dir, INIT_STUDENT)
+    manifest = read_manifest(stage_dir)
+    if missing := [name for name in needed if name not in manifest]:
+        raise unreadable(stage_dir / MANIFEST, f"it lacks {', '.join(missing)}")
+    return manifest
 
 
 def complete_stage(run_dir: Path, stage: str) -> Path | None:

@@ -5,7 +5,8 @@
     accelerate launch -m distilbert_cli train ...       # the same, on several processes
 
 A command composes `conf/<config>.yaml` with the overrides and calls its stage's `run(cfg, overrides)`.
-User mistakes print one line to stderr and exit 2.
+User mistakes, unreadable files, a stage in use by another process and a full disk print one line to stderr and
+exit 2.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from distilbert_cli.config import compose_config, one_line, renamed_overrides, to_yaml
-from distilbert_cli.errors import UsageError
+from distilbert_cli.errors import UsageError, first_line, is_disk_full
 
 USAGE_EXIT_CODE = 2
 StageRun = Callable[[DictConfig, Sequence[str]], object]
@@ -141,6 +142,10 @@ def _make_command(spec: StageCommand):
             raise fail(str(exc)) from None
         except MissingMandatoryValue as exc:
             raise fail(f"missing required config value: {one_line(exc)}") from None
+        except Exception as exc:  # a full disk outside a stage's folder (open_stage reports those itself)
+            if is_disk_full(exc):
+                raise fail(f"distil {spec.name} ran out of disk space ({first_line(exc)})") from None
+            raise
 
     command.__doc__ = f"{spec.summary}\n\n{spec.io}. Primary config: conf/{spec.config}.yaml."
     return command

@@ -92,7 +92,8 @@ def check_corpus_file(path: Path, text_field: str) -> None:
 
 @dataclass
 class BadLines:
-    """Lines that are not valid UTF-8 (or not a JSON record with text): skipped and counted, or fatal."""
+    """Lines that are binary (a NUL byte), not valid UTF-8, or not a JSON record with text: skipped and counted, or
+    fatal. Every line is checked, so a binary region past the first 8 KB that check_corpus_file sniffs is caught."""
 
     policy: str
     count: int = 0
@@ -111,6 +112,9 @@ def _decoded_lines(path: Path, bad: BadLines, progress: tqdm) -> Iterator[tuple[
             if unreported >= _PROGRESS_BYTES:
                 progress.update(unreported)
                 unreported = 0
+            if b"\0" in raw:  # the first 8 KB were text (check_corpus_file), so this is a binary region
+                bad.handle(f"{path}:{number}", "binary data (a NUL byte)")
+                continue
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError:

@@ -74,9 +74,10 @@ def _stats(cfg: DictConfig, documents: int, bad: BadLines, drop: np.ndarray, len
         "source": cfg.data.source,
         "documents_read": documents,
         "bad_lines": {"policy": cfg.data.bad_lines, "count": bad.count,
-                      "rule": "lines that are not valid UTF-8, and records without text (bad JSON, a missing or "
-                              "null field), " + ("are skipped and counted" if cfg.data.bad_lines == "skip"
-                                                 else "stop the stage with an error")},
+                      "rule": "lines that are binary (a NUL byte) or not valid UTF-8, and records without text (bad "
+                              "JSON, a missing or null field), "
+                              + ("are skipped and counted" if cfg.data.bad_lines == "skip"
+                                 else "stop the stage with an error")},
         "sequences_written": {**{name: int(rows.size) for name, rows in splits.items()}, "total": int(kept.sum())},
         "tokens_written": {**tokens, "total": sum(tokens.values())},
         "dropped": {name: {"count": int((drop == code).sum()), "tokens": int(lengths[drop == code].sum()),

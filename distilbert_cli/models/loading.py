@@ -1,11 +1,13 @@
-"""Loading tokenizers and models by hub name or local directory, with user mistakes as UsageErrors."""
+"""Loading tokenizers and models by hub name or local directory, with user mistakes as UsageErrors: a local
+checkpoint whose JSON files or safetensors headers cannot be read is refused naming the file."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
-from distilbert_cli.errors import UsageError
+from distilbert_cli.errors import UsageError, first_line, unreadable
 from distilbert_cli.models.families import find_family
 
 log = logging.getLogger(__name__)
@@ -20,16 +22,36 @@ def check_name_or_path(name_or_path: str, role: str) -> None:
         raise UsageError(f"{role} directory does not exist: {name_or_path}")
 
 
+def check_readable(directory: Path) -> None:
+    """Every JSON file of a local checkpoint parses and every safetensors header reads (a truncated or random
+    weights file fails here; a changed byte inside the weights is the stage fingerprints' business)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(directory.iterdir()):
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text())
+            elif file.suffix == ".safetensors":
+                with safe_open(file, "pt"):
+                    pass
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise unreadable(file, exc) from exc
+
+
 def _load(loader, name_or_path: str, role: str, **kwargs):
+    from safetensors import SafetensorError
+
     check_name_or_path(name_or_path, role)
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        check_readable(local)
     try:
-        return loader(str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().exists()
-                      else name_or_path, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "custom code" in first_line and not kwargs.get("trust_remote_code"):
-            first_line = "it ships its own model code, which runs only with trust_remote_code=true"
-        raise UsageError(f"cannot load {role} from {name_or_path!r}: {first_line}") from exc
+        return loader(str(local) if local.exists() else name_or_path, **kwargs)
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        reason = first_line(exc)
+        if "custom code" in reason and not kwargs.get("trust_remote_code"):
+            reason = "it ships its own model code, which runs only with trust_remote_code=true"
+        raise UsageError(f"cannot load {role} from {name_or_path!r}: {reason}") from exc
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, role: str = "tokenizer"):

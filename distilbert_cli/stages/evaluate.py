@@ -142,7 +142,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             data, notes = describe_data(columns, cfg.task), problem_notes(problems) + settings_notes(columns, cfg.task)
             soft_targets = False  # unknown for outside models: their rows are named by their paths
         else:
-            finetune_dir = stage.use_stage(cfg.run_dir, artifacts.FINETUNE)
+            finetune_dir = stage.use_stage(cfg.run_dir, artifacts.FINETUNE, reads=artifacts.FINETUNE_PREDICTIONS)
             records = collect_finetuned(finetune_dir, tasks)
             columns = evaluated_tasks(tasks, records)
             data, notes, soft_targets = finetune_notes(finetune_dir, columns)

@@ -83,7 +83,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         raise UsageError(f"finetune.batch_size={cfg.finetune.batch_size} is not divisible by the "
                          f"{accelerator.num_processes} processes")
 
-    with open_stage(cfg, artifacts.FINETUNE, overrides) as stage:
+    with open_stage(cfg, artifacts.FINETUNE, overrides,
+                    unfingerprinted=artifacts.UNFINGERPRINTED[artifacts.FINETUNE]) as stage:
         for choice in choices:
             if choice.stage is not None:
                 stage.use_stage(cfg.run_dir, choice.stage)

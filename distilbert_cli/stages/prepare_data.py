@@ -34,7 +34,7 @@ from distilbert_cli.data.corpus import check_corpus_file, corpus_paths, resolve_
 from distilbert_cli.data.prepared import build_prepared
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models.loading import load_tokenizer
-from distilbert_cli.rundir import open_stage, write_json_atomic
+from distilbert_cli.rundir import open_stage, temporary_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +73,17 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     tokenizer = load_tokenizer(cfg.teacher.name_or_path, cfg.trust_remote_code, role="teacher tokenizer")
     _check_tokenizer(tokenizer, cfg)
 
-    with open_stage(cfg, artifacts.PREPARE_DATA, overrides) as stage:
+    with open_stage(cfg, artifacts.PREPARE_DATA, overrides,
+                    unfingerprinted=artifacts.UNFINGERPRINTED[artifacts.PREPARE_DATA]) as stage:
         stage.use_model(cfg.teacher.name_or_path, "tokenizer")
         _record_corpus(stage, cfg.data)
         stage.update(tokenizer=cfg.teacher.name_or_path, vocab_size=len(tokenizer),
                      max_seq_length=cfg.prepare.max_seq_length)
         out = artifacts.PreparedData(stage.path)
-        work_dir = stage.path / ".work"
+        work_dir = temporary_path(stage.path / "work")
         work_dir.mkdir()
-        try:
-            stats = build_prepared(cfg, tokenizer, files, out, work_dir, time.perf_counter() - started)
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        stats = build_prepared(cfg, tokenizer, files, out, work_dir, time.perf_counter() - started)
+        shutil.rmtree(work_dir)  # on failure open_stage removes it (and names it if the disk was full)
         tokenizer.save_pretrained(out.tokenizer)
         write_json_atomic(out.stats, stats)
         stage.update(sequences=stats["sequences_written"], tokens=stats["tokens_written"],

@@ -7,12 +7,15 @@
 Reads prepare-data/ (tokenized train and validation splits, token counts) and init-student/ (the student,
 and which teacher it came from). Writes `final/` (the distilled student and its tokenizer),
 `metrics.jsonl`, `validation.json` and `checkpoints/step-N/` (model, optimizer, scheduler and the data
-position; `train.resume=auto` continues from the latest).
+position, in safetensors and JSON; `train.resume=auto` continues from the latest). The inputs are verified against
+the digests their stages recorded. A run whose every step was skipped as non-finite, or whose student has a
+non-finite validation loss, fails.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -20,8 +23,9 @@ from collections.abc import Sequence
 from omegaconf import DictConfig
 
 from distilbert_cli import artifacts
+from distilbert_cli.errors import UsageError
 from distilbert_cli.logs import distributed_state
-from distilbert_cli.rundir import open_stage, require_complete, write_json_atomic
+from distilbert_cli.rundir import open_stage, require_complete, temporary_path, write_json_atomic
 from distilbert_cli.training import setup
 from distilbert_cli.training.loop import train
 from distilbert_cli.training.losses import LossPlan
@@ -47,7 +51,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)])
     set_seed(cfg.seed, deterministic=cfg.train.deterministic)
 
-    with open_stage(cfg, artifacts.DISTILL, overrides, keep_partial=True) as stage:
+    with open_stage(cfg, artifacts.DISTILL, overrides, keep_partial=True,
+                    unfingerprinted=artifacts.UNFINGERPRINTED[artifacts.DISTILL]) as stage:
         out = artifacts.DistillOutputs(stage.path)
         distillation = setup.build(cfg, stage, accelerator, plan, accumulation)
         tracker = setup.open_tracker(cfg, stage.path, accelerator.is_main_process)
@@ -61,7 +66,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         result = {"steps": distillation.total_steps, "tokens_seen": state.tokens_seen}
         if accelerator.is_main_process:
             student = accelerator.unwrap_model(distillation.student).model
-            tmp = stage.path / ".tmp-final"
+            tmp = temporary_path(out.final)
             shutil.rmtree(tmp, ignore_errors=True)
             student.save_pretrained(tmp)
             distillation.tokenizer.save_pretrained(tmp)
@@ -79,6 +84,10 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             }
             write_json_atomic(out.validation, validation)
             log.info("validation: %s", validation)
+            if not math.isfinite(validation["student"]["mlm_loss"]):
+                raise UsageError(f"the distilled student's validation MLM loss is {validation['student']['mlm_loss']}"
+                                 f": its weights are unusable (see {out.validation}); lower optim.lr or check the "
+                                 "inputs")
             result["validation"] = validation
             stage.update(tokens_seen=state.tokens_seen, bad_steps=state.bad_steps, validation=validation)
         accelerator.wait_for_everyone()

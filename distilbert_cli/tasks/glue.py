@@ -149,15 +149,24 @@ def _parse_label(task: GlueTask, text: str) -> int | float | None:
     return score if low <= score <= high else None
 
 
+def _is_utf8(row: list[str]) -> bool:
+    try:
+        "".join(row).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_tsv(task: GlueTask, path: Path) -> tuple[dict[str, list], list[int]]:
     """The normalised columns of a GLUE TSV file and the line numbers of the malformed rows it skipped.
 
-    A row is malformed when it has the wrong number of fields, an empty text, or a label that is not one
-    of the task's labels; it is never given a label it does not have.
+    A row is malformed when it has the wrong number of fields, an empty text, a label that is not one of the
+    task's labels, or bytes that are not UTF-8; it is never given a label it does not have.
     """
     if not path.is_file():
         raise UsageError(f"GLUE {task.title} file not found: {path}")
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+    # Undecodable bytes become lone surrogates (surrogateescape), which mark their row malformed below.
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         if task.tsv_columns is None:
             header = next(rows, None)
@@ -178,7 +187,7 @@ def read_tsv(task: GlueTask, path: Path) -> tuple[dict[str, list], list[int]]:
                 continue  # a blank line (e.g. at the end of the file) is not a row
             texts = [row[position] for position in positions[:-1]] if len(row) == width else []
             label = _parse_label(task, row[positions[-1]]) if texts else None
-            if label is None or not all(text.strip() for text in texts):
+            if label is None or not all(text.strip() for text in texts) or not _is_utf8(row):
                 malformed.append(line_number)
                 continue
             for name, text in zip(names, texts, strict=True):
@@ -197,6 +206,6 @@ def _load_tsv_split(task: GlueTask, path: Path):
         raise UsageError(f"{path} does not look like a GLUE {task.title} file: {len(malformed)} of "
                          f"{good + len(malformed)} rows are malformed{where}")
     if malformed:
-        log.warning("%s: skipped %d malformed row(s) (wrong field count, empty text or unknown label), "
+        log.warning("%s: skipped %d malformed row(s) (wrong field count, empty text, unknown label or not UTF-8), "
                     "first at line %d", path, len(malformed), malformed[0])
     return Dataset.from_dict(columns, features=_normalized_features(task))

@@ -21,7 +21,13 @@ from distilbert_cli.errors import UsageError
 from distilbert_cli.models.families import attention_projection
 from distilbert_cli.models.loading import load_config, load_frozen_teacher, load_model, load_tokenizer
 from distilbert_cli.rundir import Stage
-from distilbert_cli.training.checkpoint import TrainerState, clear_earlier_attempt, read_checkpoint, resume_checkpoint
+from distilbert_cli.training.checkpoint import (
+    TrainerState,
+    clear_earlier_attempt,
+    load_checkpoint,
+    read_checkpoint,
+    resume_checkpoint,
+)
 from distilbert_cli.training.distiller import MaskedLMRows, layer_pairs
 from distilbert_cli.training.losses import LossPlan
 from distilbert_cli.training.masking import DistillationBatches, MaskingSpec, StepLayout, masking_spec
@@ -229,7 +235,7 @@ def build(cfg: DictConfig, stage: Stage, accelerator, plan: LossPlan, accumulati
             teacher_rows.compile(dynamic=True)
     distiller, optimizer, scheduler = accelerator.prepare(distiller, optimizer, scheduler)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(checkpoint, accelerator, distiller, optimizer, scheduler)
         log.info("resuming from %s at step %d", checkpoint, state.step)
     stage.update(world_size=world_size, accumulation=accumulation, total_steps=steps, warmup_steps=warmup_steps,
                  resumed_from=str(checkpoint) if checkpoint else None, layer_pairs=pairs,

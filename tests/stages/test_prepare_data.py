@@ -90,7 +90,7 @@ def test_txt_corpus_gives_framed_sequences_counts_and_contract(tmp_path, run_dir
     assert (manifest["tokenizer"], manifest["vocab_size"], manifest["max_seq_length"]) == (
         str(tiny_teacher), len(tokenizer), 128)
     assert AutoTokenizer.from_pretrained(stage_dir / "tokenizer").get_vocab() == tokenizer.get_vocab()
-    assert not (stage_dir / ".work").exists()
+    assert not (stage_dir / ".tmp-work").exists()
 
 
 def test_a_1100_token_document_is_cut_into_512_token_chunks(tmp_path, run_dir, wide_teacher, tokenizer):
