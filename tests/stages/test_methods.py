@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from builders import GLUE_DIR, build_tiny_bert, write_corpus
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -97,7 +96,7 @@ def test_tinybert_general(runs):
     assert distill["layer_pairs"] == [[0, 1], [1, 3]]  # student layer m <- teacher layer m * 4 / 2
     assert all(loss_keys(r) == {"loss_embed", "loss_hidden", "loss_attn_scores"} for r in metrics(run_dir))
     # W_e and W_h (16 -> 32) are trained with the student and dropped from the distilled model.
-    trained = torch.load(run_dir / "distill" / "checkpoints" / "step-2" / "pytorch_model.bin")
+    trained = load_file(run_dir / "distill" / "checkpoints" / "step-2" / "model.safetensors")
     assert trained["projections.embed.weight"].shape == trained["projections.hidden.weight"].shape == (32, 16)
     assert not any(name.startswith("projections") for name in load_file(run_dir / "distill" / "final" /
                                                                            "model.safetensors"))
