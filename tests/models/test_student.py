@@ -19,6 +19,8 @@ from distilbert_cli.models.student import select_layers, student_config
     ("uniform", 12, 6, [1, 3, 5, 7, 9, 11]),
     ("uniform", 12, 4, [2, 5, 8, 11]),
     ("uniform", 6, 3, [1, 3, 5]),
+    ("uniform", 12, 5, [1, 3, 6, 8, 11]),  # floor((i + 1) * 12 / 5) - 1; rounding would give [1, 4, 6, 9, 11]
+    ("uniform", 24, 7, [2, 5, 9, 12, 16, 19, 23]),
     ("first_k", 12, 3, [0, 1, 2]),
     ("last_k", 12, 3, [9, 10, 11]),
     ("random", 12, 2, [None, None]),
