@@ -72,7 +72,8 @@ def test_paired_bootstrap_is_the_95_percent_percentile_interval_of_paired_resamp
     # One task, one split: each resample draws len(dev) example indices once, and both models are scored on them.
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 50)
-    ours, theirs = np.where(rng.random(50) < 0.8, labels, 1 - labels), np.where(rng.random(50) < 0.6, labels, 1 - labels)
+    ours = np.where(rng.random(50) < 0.8, labels, 1 - labels)
+    theirs = np.where(rng.random(50) < 0.6, labels, 1 - labels)
     result = paired_bootstrap(seed_runs("rte", ours, labels=labels), seed_runs("rte", theirs, labels=labels),
                               resamples=200, seed=7)
     draws = np.random.default_rng(7)
