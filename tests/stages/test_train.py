@@ -281,7 +281,8 @@ def test_two_processes_take_one_process_gradients_and_losses_and_resume_exactly(
     rank0, rank1 = (torch.load(gradients_file(two, rank)) for rank in (0, 1))
     assert one_process.keys() == rank0.keys() == rank1.keys() and len(one_process) > 10
     for name, gradient in one_process.items():
-        torch.testing.assert_close(rank0[name], gradient, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(rank0[name], gradient, rtol=1e-4, atol=1e-7, msg=lambda text, name=name:
+                                   f"{name}: {text}")
         assert torch.equal(rank0[name], rank1[name]), name  # averaged over the processes: the same on both
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in one_process.values()]))
     assert norm > 0.1  # a real gradient, far above the tolerance
