@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -87,6 +88,24 @@ def test_attention_mse_ignores_padded_queries_and_keys():
     teacher = torch.full((1, 1, 2, 2), 9.0)
     teacher[0, 0, 0, 0] = 0.5  # the only real (query, key) pair
     assert_close(attention_mse_loss([torch.zeros(1, 1, 2, 2)], [teacher], attention_mask), torch.tensor(0.25))
+
+
+def test_attention_mse_averages_over_heads_and_real_pairs_of_each_layer():
+    attention_mask = torch.tensor([[1, 1, 0]])  # 4 real (query, key) pairs of 9
+    student = torch.full((1, 2, 3, 3), 0.25)
+    teacher = torch.full((1, 2, 3, 3), 9.0)  # every pair involving the padded position is ignored
+    teacher[0, 0, :2, :2] = 0.5  # head 0: (0.25 - 0.5)^2 = 1/16 on the 4 real pairs
+    teacher[0, 1, :2, :2] = 1.25  # head 1: (0.25 - 1.25)^2 = 1 on them
+    layer = (4 * 1 / 16 + 4 * 1.0) / (4 * 2)
+    assert_close(attention_mse_loss([student, student], [teacher, torch.full_like(teacher, 0.25)], attention_mask),
+                 torch.tensor((layer + 0.0) / 2))
+
+
+def test_layer_losses_refuse_unpaired_layers():
+    with pytest.raises(ValueError):
+        hidden_mse_loss([torch.zeros(2, 3)] * 2, [torch.zeros(2, 3)] * 3)
+    with pytest.raises(ValueError):
+        attention_mse_loss([torch.zeros(1, 1, 2, 2)] * 3, [torch.zeros(1, 1, 2, 2)] * 2, torch.ones(1, 2))
 
 
 def test_plan_needs_only_what_nonzero_weights_use():

@@ -14,7 +14,9 @@ from distilbert_cli.training.masking import (
     MaskingSpec,
     StepLayout,
     collate_masked,
+    derived_seed,
     epoch_micro_batches,
+    masking_spec,
     token_probabilities,
 )
 
@@ -33,6 +35,23 @@ def spec(counts=None, exponent=0.7, mask_fraction=0.8, random_fraction=0.1) -> M
 def sequences(lengths, seed=0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [[CLS, *rng.integers(5, VOCAB, n - 2).tolist(), SEP] for n in lengths]
+
+
+def test_derived_seeds_are_64_bit_and_differ_per_part():
+    seeds = [derived_seed(3, number) for number in range(16)]
+    assert len(set(seeds)) == 16 and max(seeds) >= 2**32  # a 32-bit state would never reach 2^32
+    assert derived_seed(3, 0) == derived_seed(3, 0) != derived_seed(4, 0) != derived_seed(3, 0, 1)
+
+
+def test_masking_spec_reads_the_config_the_tokenizer_and_the_counts():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(mlm_probability=0.2, mask_fraction=0.7, random_fraction=0.2, smoothing_exponent=1.0)
+    tokenizer = SimpleNamespace(all_special_ids=[0, 4], mask_token_id=4, pad_token_id=0)
+    made = masking_spec(cfg, tokenizer, np.array([3, 1, 8, 0, 5]), vocab_size=5)
+    assert_close(made.token_weights, torch.tensor([0.0, 1.0, 1 / 8, 1.0, 0.0]))
+    assert (made.mlm_probability, made.mask_fraction, made.random_fraction) == (0.2, 0.7, 0.2)
+    assert (made.mask_token_id, made.pad_token_id, made.vocab_size) == (4, 0, 5)
 
 
 def test_token_probabilities_follow_count_to_the_minus_exponent():
@@ -87,6 +106,9 @@ def test_target_count_is_the_ceiling_of_15_percent_and_at_most_the_maskable_toke
     # but one maskable position.
     only_one = collate_masked([[CLS, SEP]] * 10 + [[CLS, 7, SEP]], spec(), torch.Generator().manual_seed(0))
     assert only_one["target_rows"].tolist() == [10 * 3 + 1] and only_one["target_labels"].tolist() == [7]
+    # 62 tokens -> ceil(9.3) = 10 targets, all 10 maskable positions, each drawn once (without replacement)
+    every = collate_masked([[CLS, SEP]] * 25 + [[CLS, *range(5, 15), SEP]], spec(), torch.Generator().manual_seed(0))
+    assert every["target_rows"].tolist() == [25 * 12 + 1 + i for i in range(10)]
 
 
 def test_frequent_tokens_are_masked_less_often():
@@ -167,5 +189,25 @@ def test_masks_differ_per_micro_batch_and_per_epoch_and_not_per_resume():
     assert epochs[0] != epochs[1]  # ... in another order in the next epoch
     # A run resumed at step 5 sees exactly the micro batch the uninterrupted run saw at step 5.
     resumed = batches(5)[0]
+    assert len(batches(0)) == 8 and len(resumed_batches := batches(5)) == 3
     assert resumed["number"] == 5 and torch.equal(resumed["input_ids"], items[5]["input_ids"])
     assert torch.equal(resumed["target_rows"], items[5]["target_rows"])
+    assert [resumed_batches[j]["number"] for j in range(3)] == [5, 6, 7]
+    # Another run seed draws other masks for the same micro batch number.
+    other_seed = DistillationBatches(data, np.full(8, 30), layout, spec(), seed=4, group_window=1, rank=0,
+                                     start_step=0, end_step=8)[0]
+    assert not torch.equal(other_seed["target_rows"], items[0]["target_rows"])
+
+
+def test_step_tokens_count_the_real_tokens_every_process_trains_on_in_a_step():
+    from datasets import Dataset
+
+    lengths = np.random.default_rng(0).integers(5, 40, size=24)
+    data = Dataset.from_dict({"input_ids": sequences(lengths)})
+    layout = StepLayout(micro_batch_size=2, accumulation=2, world_size=2, steps_per_epoch=3)  # 2 epochs in 6 steps
+    ranks = [DistillationBatches(data, lengths, layout, spec(), seed=1, group_window=2, rank=rank, start_step=0,
+                                 end_step=6) for rank in (0, 1)]
+    assert len(ranks[0]) == 12  # 6 steps x 2 accumulation steps
+    for step in range(6):
+        seen = sum(ranks[rank][step * 2 + a]["n_tokens"] for rank in (0, 1) for a in (0, 1))
+        assert ranks[0].step_tokens(step) == ranks[1].step_tokens(step) == seen
