@@ -48,7 +48,8 @@ def statuses(path: str, globs: list[str]) -> dict[str, int | None]:
 
 def summary() -> bool:
     """Print the table and the survivors; False when a mutant in scope was not checked."""
-    print(f"\n{'module':36s} {'mutants':>7s} {'killed':>6s} {'timeout':>7s} {'survived':>8s} {'other':>5s} {'score':>6s}")
+    columns = ("mutants", "killed", "timeout", "survived", "other", "score")
+    print(f"\n{'module':36s} " + " ".join(f"{name:>8s}" for name in columns))
     survivors, complete = [], True
     for module, (path, globs) in SCOPE.items():
         codes = statuses(path, globs)
@@ -58,7 +59,8 @@ def summary() -> bool:
         other = len(codes) - killed - timeout - len(survived)
         complete &= bool(codes) and not any(code in NOT_CHECKED for code in codes.values())
         score = 100 * (killed + timeout) / len(codes) if codes else 0.0
-        print(f"{module:36s} {len(codes):7d} {killed:6d} {timeout:7d} {len(survived):8d} {other:5d} {score:5.1f}%")
+        counts = (len(codes), killed, timeout, len(survived), other)
+        print(f"{module:36s} " + " ".join(f"{n:8d}" for n in counts) + f" {score:7.1f}%")
         survivors += survived + [f"{name} (exit code {code})" for name, code in codes.items()
                                  if code not in KILLED | TIMEOUT | SURVIVED]
     print("\nnot killed:" if survivors else "\nevery mutant in scope was killed")

@@ -14,6 +14,7 @@ from distilbert_cli.artifacts import STAGES
 from distilbert_cli.cli import app
 from distilbert_cli.rundir import read_manifest
 
+pytestmark = pytest.mark.slow  # every stage on tiny models, twice (~1 min on 2 cores)
 runner = CliRunner()
 FINETUNE_SMOKE = ["task.names=[rte]", f"task.data_dir={GLUE_DIR}", "finetune.epochs=1",
                   "finetune.max_train_samples=64", "finetune.max_eval_samples=32", "finetune.max_seq_length=64"]

@@ -64,6 +64,9 @@ def test_paired_bootstrap_needs_the_same_dev_examples_and_a_defined_score():
     assert paired_bootstrap(ours, seed_runs("sst2", [0, 1, 1], labels=[0, 1, 1]), 10, 0) is None
     constant = seed_runs("stsb", [2.0, 2.0, 2.0], labels=[1.0, 2.5, 4.0])  # Pearson of a constant: undefined
     assert paired_bootstrap(constant, constant, 10, 0) is None
+    # Two examples: Pearson is defined on both, but with seed 4 each of the 3 resamples draws one example twice.
+    two = seed_runs("stsb", [1.0, 2.0], labels=[1.0, 2.0])
+    assert paired_bootstrap(two, two, resamples=3, seed=4) is None
 
 
 
@@ -71,19 +74,19 @@ def test_paired_bootstrap_needs_the_same_dev_examples_and_a_defined_score():
 def test_paired_bootstrap_is_the_95_percent_percentile_interval_of_paired_resamples():
     # One task, one split: each resample draws len(dev) example indices once, and both models are scored on them.
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 50)
-    ours = np.where(rng.random(50) < 0.8, labels, 1 - labels)
-    theirs = np.where(rng.random(50) < 0.6, labels, 1 - labels)
+    labels = rng.integers(0, 2, 300)
+    ours = np.where(rng.random(300) < 0.8, labels, 1 - labels)
+    theirs = np.where(rng.random(300) < 0.6, labels, 1 - labels)
     result = paired_bootstrap(seed_runs("rte", ours, labels=labels), seed_runs("rte", theirs, labels=labels),
                               resamples=200, seed=7)
     draws = np.random.default_rng(7)
     differences = []
     for _ in range(200):
-        sample = draws.integers(0, 50, 50)
+        sample = draws.integers(0, 300, 300)
         differences.append(100 * (np.mean(ours[sample] == labels[sample]) - np.mean(theirs[sample] == labels[sample])))
     low, high = np.percentile(differences, [2.5, 97.5])
     assert result == {"difference": pytest.approx(100 * (np.mean(ours == labels) - np.mean(theirs == labels))),
-                      "low": pytest.approx(low), "high": pytest.approx(high), "resamples": 200, "dev_examples": 50}
+                      "low": pytest.approx(low), "high": pytest.approx(high), "resamples": 200, "dev_examples": 300}
 
 
 def test_pairing_cancels_the_noise_the_two_models_share():
