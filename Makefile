@@ -32,7 +32,7 @@ lint: install ## Run ruff and the import-linter layering contracts (pyproject.to
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-mutation: install ## Mutation testing of the core maths (mutmut, ~40 min on 2 cores; not in CI): score per module
+mutation: install ## Mutation testing of the core maths (mutmut, ~30 min on 2 cores; not in CI): score per module
 	$(BIN)/pip install -q -e ".[mutation]"
 	rm -rf mutants
 	$(BIN)/python scripts/mutation.py
