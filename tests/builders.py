@@ -10,6 +10,7 @@ import numpy as np
 GLUE_DIR = Path(__file__).resolve().parent / "fixtures" / "glue"
 SQUAD_DIR = GLUE_DIR.parent / "squad"  # the official JSON layout: train-v1.1.json, dev-v1.1.json, v2.0
 REVIEWS_DIR = GLUE_DIR.parent / "reviews"  # the IMDb layout: train.csv, test.csv (text, label)
+MNLI_DIR = Path(__file__).resolve().parent / "fixtures" / "mnli"  # synthetic: the MNLI layout, made-up rows
 
 _WORDS = (
     "the of and to a in is was for on as with by he she it that at from his her an were are which this "
@@ -35,7 +36,7 @@ def tiny_vocab() -> list[str]:
 
 
 def build_tiny_bert(directory: Path, num_layers: int = 12, hidden_size: int = 32, num_heads: int = 2,
-                    with_mlm_head: bool = True, seed: int = 0) -> Path:
+                    with_mlm_head: bool = True, seed: int = 0, initializer_range: float = 0.02) -> Path:
     """Save a random tiny BERT (MLM head or plain encoder) and a WordPiece tokenizer to `directory`."""
     import torch
     from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizerFast
@@ -45,7 +46,7 @@ def build_tiny_bert(directory: Path, num_layers: int = 12, hidden_size: int = 32
     tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=128)
     config = BertConfig(vocab_size=len(tiny_vocab()), hidden_size=hidden_size, num_hidden_layers=num_layers,
                         num_attention_heads=num_heads, intermediate_size=2 * hidden_size,
-                        max_position_embeddings=128, type_vocab_size=2)
+                        max_position_embeddings=128, type_vocab_size=2, initializer_range=initializer_range)
     torch.manual_seed(seed)
     model = (BertForMaskedLM if with_mlm_head else BertModel)(config)
     model.save_pretrained(directory)
@@ -53,14 +54,15 @@ def build_tiny_bert(directory: Path, num_layers: int = 12, hidden_size: int = 32
     return directory
 
 
-def build_tiny_distilbert(directory: Path, tokenizer_dir: Path, num_layers: int) -> Path:
+def build_tiny_distilbert(directory: Path, tokenizer_dir: Path, num_layers: int, initializer_range: float = 0.02
+                          ) -> Path:
     """A random 32-wide DistilBertForMaskedLM (the init-student output class) with the teacher's tokenizer."""
     import torch
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertForMaskedLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=32, hidden_dim=64, n_layers=num_layers, n_heads=2,
-                              max_position_embeddings=128)
+                              max_position_embeddings=128, initializer_range=initializer_range)
     torch.manual_seed(0)
     DistilBertForMaskedLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -101,3 +101,26 @@ def test_experiments_hold_only_their_deltas(experiment):
                   if OmegaConf.select(cfg, key, default="absent") != "absent"]
         value = OmegaConf.select(compose_config(having[0], [f"+experiment={experiment}"]), key) if having else None
         assert having and all(value != OmegaConf.select(defaults[c], key) for c in having), (experiment, key)
+
+
+# The paper's objective (Sanh et al. 2019: 5.0 L_ce + 2.0 L_mlm + 1.0 L_cos, T = 2) and each ablation of its
+# Table 4 as one term removed; mlm_only is the no-distillation baseline. Every other weight stays 0.
+TRIPLE = {"ce": 5.0, "mlm": 2.0, "cos": 1.0}
+PRESET_WEIGHTS = {
+    "triple_loss": TRIPLE,
+    "no_ce": {**TRIPLE, "ce": 0.0},
+    "no_cos": {**TRIPLE, "cos": 0.0},
+    "no_mlm": {**TRIPLE, "mlm": 0.0},
+    "random_init": TRIPLE,
+    "mlm_only": {"mlm": 1.0},
+}
+
+
+@pytest.mark.parametrize("experiment", PRESET_WEIGHTS)
+def test_experiment_presets_set_the_papers_weights_and_init(experiment):
+    train = compose_config("train", [f"+experiment={experiment}"])
+    weights = {name: 0.0 for name in LOSS_TERMS} | PRESET_WEIGHTS[experiment]
+    assert {name: train.loss[f"alpha_{name}"] for name in LOSS_TERMS} == weights
+    assert train.loss.temperature == 2.0 and not train.loss.restrict_ce_to_mask
+    init = compose_config("init_student", [f"+experiment={experiment}"])
+    assert init.init.strategy == ("random" if experiment == "random_init" else "every_other")

@@ -14,6 +14,7 @@ from distilbert_cli.artifacts import STAGES
 from distilbert_cli.cli import app
 from distilbert_cli.rundir import read_manifest
 
+pytestmark = pytest.mark.slow  # every stage on tiny models, twice (~1 min on 2 cores)
 runner = CliRunner()
 FINETUNE_SMOKE = ["task.names=[rte]", f"task.data_dir={GLUE_DIR}", "finetune.epochs=1",
                   "finetune.max_train_samples=64", "finetune.max_eval_samples=32", "task.max_seq_length=64"]
@@ -69,7 +70,11 @@ def test_report_compares_the_run_with_its_baseline(demo_like_runs):
     assert comparison["resamples"] == 300 and comparison["low"] <= comparison["difference"] <= comparison["high"]
     assert "![loss curves](loss_curves.png)" in report and (main / "report" / "loss_curves.png").stat().st_size > 0
     assert "student (ours)" in report and "teacher (ours)" in report  # evaluate's Table 1, embedded
-    assert "668" in report and "(bench-cpu-latency.png)" in report  # bench-cpu's Table 3 and its chart
+    bench = json.loads((main / "bench-cpu" / "results.json").read_text())  # bench-cpu's measurements and chart
+    for row in bench["results"]:
+        measured = f"{row['latency_ms']['median']:.2f}"
+        assert f"| {row['model']} | {row['backend']} | {row['batch_size']} | {measured} |" in report
+    assert "(bench-cpu-latency.png)" in report
     assert (main / "report" / "bench-cpu-latency.png").exists()
     assert read_manifest(main / "report")["baselines"] == [str(baseline)]
 

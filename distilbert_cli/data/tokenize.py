@@ -122,7 +122,8 @@ class DocumentEncoder:
         self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self.backend.no_truncation()
         self.backend.no_padding()
-        self.backend.encode_special_tokens = bool(tokenizer.split_special_tokens)
+        self.split_special_tokens = bool(tokenizer.split_special_tokens)
+        self.backend.encode_special_tokens = self.split_special_tokens
         self.memoize = False
         spec = json.loads(self.backend.to_str())
         blocker = (_cross_word_part(spec["normalizer"], _WORD_NORMALIZERS, "normalizer")
@@ -174,6 +175,12 @@ class DocumentEncoder:
         self.slot_start = np.zeros(0, dtype=np.int64)
         self.slot_length = np.zeros(0, dtype=np.int64)
         self.store = np.zeros(0, dtype=np.int32)  # the ids of every memoized word, back to back
+
+    def __setstate__(self, state: dict) -> None:
+        # A pickled Rust tokenizer comes back with encode_special_tokens off (tokenizers 0.23): the copy each
+        # tokenizing process gets would read "[SEP]" written in the text as the special token.
+        self.__dict__.update(state)
+        self.backend.encode_special_tokens = self.split_special_tokens
 
     def encode_whole(self, texts: list[str]) -> list[list[int]]:
         return [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=False)]

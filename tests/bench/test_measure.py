@@ -3,6 +3,8 @@ and rounds pooled."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from tqdm.auto import tqdm
@@ -54,6 +56,21 @@ def test_summary_ratios_against_the_first_model_and_best_backend():
                                                                                              ("int8", 20 / 6)]
     best = {b["model"]: (b["backend"], b["speedup_over_eager"]) for b in summary["best_backends"]}
     assert best == {"teacher": ("int8", 1.5), "student": ("int8", 2.5)}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the peak can only be reset on Linux (/proc/self/clear_refs)")
+def test_peak_rss_keeps_the_high_water_mark_until_reset():
+    mib = 2**20
+    measure.release_memory()
+    assert measure.reset_peak_rss()
+    before = measure.peak_rss_bytes()
+    block = np.ones(64 * mib // 8)  # 64 MiB, touched
+    del block
+    measure.release_memory()
+    peak = measure.peak_rss_bytes()
+    assert peak >= before + 60 * mib  # the block is gone, its peak stays
+    assert measure.reset_peak_rss()
+    assert measure.peak_rss_bytes() < peak - 48 * mib  # a reset starts again from what is resident now
 
 
 def test_only_the_predict_call_is_timed(monkeypatch):

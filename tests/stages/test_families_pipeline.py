@@ -66,7 +66,7 @@ def test_every_stage_runs_for_the_family(tmp_path, family):
     assert last["step"] == 2 and all(math.isfinite(last[f"loss_{name}"]) for name in terms), last
 
     distil("finetune", run, "task.names=[rte,stsb]", *GLUE, "finetune.epochs=1", "finetune.max_train_samples=32",
-           "finetune.max_eval_samples=16", "finetune.max_seq_length=48", "finetune.save_models=false")
+           "finetune.max_eval_samples=16", "task.max_seq_length=48", "finetune.save_models=false")
     for task, metric in (("rte", "accuracy"), ("stsb", "pearson")):  # a classification and a regression head
         result = json.loads((tmp_path / "run" / "finetune" / "student" / task / "seed-56" / "metrics.json").read_text())
         assert math.isfinite(result["metrics"][metric]) and result["train_examples"] == 32, result

@@ -1,13 +1,16 @@
 """finetune and evaluate: epochs per task, bad inputs and bad data (exit 2), and tiny end-to-end runs of each task
-kind: GLUE RTE, SQuAD with soft targets (Table 2), IMDb and your own CSV, your own pair regression with soft
-targets."""
+kind, checked against the saved models' own outputs and hand metrics: GLUE RTE with the (D) soft targets, STS-B
+regression, MNLI's two dev splits, SQuAD with soft targets (Table 2), IMDb and your own CSV, your own pair
+regression with soft targets."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
-from builders import GLUE_DIR, REVIEWS_DIR, SQUAD_DIR, build_tiny_bert, build_tiny_distilbert
+from builders import GLUE_DIR, MNLI_DIR, REVIEWS_DIR, SQUAD_DIR, build_tiny_bert, build_tiny_distilbert
+from scipy.stats import rankdata
 from typer.testing import CliRunner
 
 from distilbert_cli.cli import app
@@ -34,11 +37,17 @@ def _invoke(command, *overrides):
     return result.exit_code, result.output
 
 
+# Weights (and fresh task heads) drawn 25x wider than BERT's 0.02: the tiny models' outputs then differ clearly
+# from one example to the next (at 0.02 they are nearly constant), so a prediction saved against the wrong row shows.
+INIT_RANGE = 0.5
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    teacher = build_tiny_bert(root / "teacher", num_layers=2)
-    return {"teacher": teacher, "student": build_tiny_distilbert(root / "student", teacher, num_layers=2)}
+    teacher = build_tiny_bert(root / "teacher", num_layers=2, initializer_range=INIT_RANGE)
+    return {"teacher": teacher,
+            "student": build_tiny_distilbert(root / "student", teacher, num_layers=2, initializer_range=INIT_RANGE)}
 
 
 def test_unknown_task_exits_2(tmp_path):
@@ -119,7 +128,40 @@ def _fake_upstream_stages(run_dir, tiny_models):
     with open_stage(compose_config("init_student", [f"run_dir={run_dir}"]), "init-student") as stage:
         stage.update(teacher=str(tiny_models["teacher"]))
     with open_stage(compose_config("train", [f"run_dir={run_dir}"]), "distill") as stage:
-        build_tiny_distilbert(stage.path / "final", tiny_models["teacher"], num_layers=2)
+        build_tiny_distilbert(stage.path / "final", tiny_models["teacher"], num_layers=2, initializer_range=INIT_RANGE)
+
+
+def read_predictions(run_dir, model: str, task: str, seed: int) -> list[dict]:
+    path = run_dir / "finetune" / model / task / f"seed-{seed}" / "predictions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def accuracy_by_hand(rows: list[dict]) -> float:
+    return 100.0 * sum(row["prediction"] == row["label"] for row in rows) / len(rows)
+
+
+def assert_each_prediction_is_the_models_output_on_its_own_row(model_dir, task, data, rows, max_seq_length):
+    """Run the saved model on each dev example alone (no batch, no padding, in file order): its output is the
+    saved prediction of the row with that index, and the row's label is the file's."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from distilbert_cli.tasks.finetuning import forward_inputs
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    accepted = forward_inputs(model)
+    assert [row["index"] for row in rows] == list(range(len(data)))
+    for example, row in zip(data, rows, strict=True):
+        texts = [example[name] for name in ("sentence1", "sentence2") if name in example]
+        inputs = tokenizer(*texts, truncation=True, max_length=max_seq_length, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in inputs.items() if k in accepted}).logits[0]
+        assert row["label"] == pytest.approx(example["label"])
+        if task.is_regression:
+            assert row["prediction"] == pytest.approx(logits.item(), abs=1e-4)
+        else:  # the batched run pads, so a near tie may flip: the saved class must be (almost) the best one
+            assert logits[row["prediction"]] >= logits.max() - 1e-4, (row, logits)
 
 
 def test_finetune_student_and_teacher_with_soft_targets_then_evaluate(tmp_path, tiny_models):
@@ -137,15 +179,16 @@ def test_finetune_student_and_teacher_with_soft_targets_then_evaluate(tmp_path, 
     seed_dir = ft_dir / "student" / "rte" / "seed-3"
     summary = json.loads((seed_dir / "metrics.json").read_text())
     assert summary["train_examples"] == 96 and summary["dev_examples"] == {"dev": 48} and summary["soft_targets"]
-    predictions = [json.loads(line) for line in (seed_dir / "predictions.jsonl").read_text().splitlines()]
-    assert len(predictions) == 48 and {p["prediction"] for p in predictions} <= {0, 1}
-    assert [p["label"] for p in predictions] == get_task("rte").load_split("dev", str(GLUE_DIR))["label"][:48]
-    recomputed = get_task("rte").compute_metrics([p["prediction"] for p in predictions],
-                                                 [p["label"] for p in predictions])
-    assert summary["metrics"] == pytest.approx(recomputed)
+    dev = get_task("rte").load_split("dev", str(GLUE_DIR)).select(range(48))
+    predictions = {model: read_predictions(run_dir, model, "rte", 3) for model in ("student", "teacher")}
+    for model, rows in predictions.items():
+        assert {row["split"] for row in rows} == {"dev"} and {row["prediction"] for row in rows} <= {0, 1}
+        assert_each_prediction_is_the_models_output_on_its_own_row(ft_dir / model / "rte" / "seed-3" / "model",
+                                                                   get_task("rte"), dev, rows, 64)
+    student, teacher = (accuracy_by_hand(predictions[model]) for model in ("student", "teacher"))
+    assert summary["metrics"] == {"accuracy": pytest.approx(student)}
     saved = json.loads((seed_dir / "model" / "config.json").read_text())
     assert saved["model_type"] == "distilbert" and saved["finetuning_task"] == "rte"
-    assert (ft_dir / "teacher" / "rte" / "seed-3" / "model" / "config.json").is_file()
 
     results = evaluate.run(compose_config("evaluate", [f"run_dir={run_dir}", "eval.note=a tiny smoke run"]))
     table = (run_dir / "evaluate" / "results.md").read_text()
@@ -153,17 +196,19 @@ def test_finetune_student_and_teacher_with_soft_targets_then_evaluate(tmp_path, 
     assert rows[:4] == ["student (D) (ours)", "teacher (ours)", "BERT-base (published)", "DistilBERT (published)"]
     assert "| BERT-base (published) | 69.3 | 69.3 |" in table and "Note: a tiny smoke run" in table
     assert "finetune.max_train_samples=96 (not the full split)" in table
-    student, teacher = results["models"]["student"]["score"], results["models"]["teacher"]["score"]
-    assert student == pytest.approx(scores["student"]["rte"][3])
-    assert results["retention"]["GLUE dev (the paper's Table 1)"]["percent"] == pytest.approx(100 * student / teacher)
-    assert f"{100 * student / teacher:.1f}%" in table
+    assert results["models"]["student"]["score"] == pytest.approx(student)
+    assert results["models"]["teacher"]["score"] == pytest.approx(teacher)
+    assert results["retention"]["GLUE dev (the paper's Table 1)"] == {
+        "tasks": ["rte"], "student": pytest.approx(student), "teacher": pytest.approx(teacher),
+        "percent": pytest.approx(100 * student / teacher)}
+    assert f"Retention (student / teacher on rte): {100 * student / teacher:.1f}%" in table
 
     # An already fine-tuned model directory alone: the task comes from its config.
     alone = evaluate.run(compose_config("evaluate", [
-        f"run_dir={tmp_path / 'alone'}", f"task.data_dir={GLUE_DIR}", "eval.max_samples=48",
+        f"run_dir={tmp_path / 'alone'}", f"task.data_dir={GLUE_DIR}", "eval.max_samples=48", "task.max_seq_length=64",
         f"eval.model_dirs=[{seed_dir / 'model'}]"]))
     (row,) = alone["models"].values()
-    assert row["tasks"]["rte"]["metrics"] == pytest.approx(summary["metrics"])
+    assert row["tasks"]["rte"]["metrics"] == {"accuracy": pytest.approx(student)}
 
 
 # ---- beyond GLUE: SQuAD (with "(D)"), IMDb, your own data ---------------------------------------------------------
@@ -323,3 +368,83 @@ def test_a_model_without_a_question_answering_head_exits_2(tmp_path):
     code, output = _invoke("finetune", "task=squad", f"task.data_dir={SQUAD_DIR}",
                            f"finetune.models=[{tmp_path / 'vit'}]", f"run_dir={tmp_path / 'run'}")
     assert code == 2 and "has no question-answering architecture" in output
+
+
+def test_stsb_regression_end_to_end(tmp_path, tiny_models):
+    run_dir = tmp_path / "run"
+    _fake_upstream_stages(run_dir, tiny_models)
+    finetune.run(compose_config("finetune", [
+        f"run_dir={run_dir}", "task.names=[stsb]", f"task.data_dir={GLUE_DIR}", "finetune.seeds=[1]",
+        "finetune.epochs=1", "finetune.max_train_samples=32", "finetune.max_eval_samples=40",
+        "task.max_seq_length=64", "finetune.learning_rate=1e-3"]))
+    stsb = get_task("stsb")
+    rows = read_predictions(run_dir, "student", "stsb", 1)
+    dev = stsb.load_split("dev", str(GLUE_DIR)).select(range(40))
+    assert_each_prediction_is_the_models_output_on_its_own_row(
+        run_dir / "finetune" / "student" / "stsb" / "seed-1" / "model", stsb, dev, rows, 64)
+    assert len({row["prediction"] for row in rows}) > 1 and any(row["label"] % 1 for row in rows)  # real numbers
+    predictions, labels = np.array([row["prediction"] for row in rows]), np.array([row["label"] for row in rows])
+    pearson = 100 * np.corrcoef(predictions, labels)[0, 1]
+    spearman = 100 * np.corrcoef(rankdata(predictions), rankdata(labels))[0, 1]  # Pearson of the (mean) ranks
+    results = evaluate.run(compose_config("evaluate", [f"run_dir={run_dir}", "task.names=[stsb]"]))
+    task_row = results["models"]["student"]["tasks"]["stsb"]
+    assert task_row["metrics"] == {"pearson": pytest.approx(pearson), "spearman": pytest.approx(spearman)}
+    assert task_row["score"] == pytest.approx((pearson + spearman) / 2)
+
+
+def test_mnli_two_dev_splits_end_to_end(tmp_path, tiny_models):
+    run_dir = tmp_path / "run"
+    _fake_upstream_stages(run_dir, tiny_models)
+    finetune.run(compose_config("finetune", [
+        f"run_dir={run_dir}", "task.names=[mnli]", f"task.data_dir={MNLI_DIR}", "finetune.models=[teacher]",
+        "finetune.seeds=[2]", "finetune.epochs=1", "task.max_seq_length=64", "finetune.learning_rate=1e-3"]))
+    mnli = get_task("mnli")
+    rows = read_predictions(run_dir, "teacher", "mnli", 2)
+    by_split = {split: [row for row in rows if row["split"] == split] for split in ("dev_matched", "dev_mismatched")}
+    assert [len(by_split[split]) for split in by_split] == [20, 14] and len(rows) == 34
+    for split, split_rows in by_split.items():
+        assert_each_prediction_is_the_models_output_on_its_own_row(
+            run_dir / "finetune" / "teacher" / "mnli" / "seed-2" / "model", mnli,
+            mnli.load_split(split, str(MNLI_DIR)), split_rows, 64)
+    matched, mismatched = accuracy_by_hand(by_split["dev_matched"]), accuracy_by_hand(by_split["dev_mismatched"])
+    saved = json.loads((run_dir / "finetune" / "teacher" / "mnli" / "seed-2" / "metrics.json").read_text())
+    assert saved["dev_examples"] == {"dev_matched": 20, "dev_mismatched": 14}
+    expected = {"dev_matched_accuracy": pytest.approx(matched), "dev_mismatched_accuracy": pytest.approx(mismatched)}
+    assert saved["metrics"] == expected and saved["score"] == pytest.approx((matched + mismatched) / 2)
+    results = evaluate.run(compose_config("evaluate", [f"run_dir={run_dir}", "task.names=[mnli]"]))
+    task_row = results["models"]["teacher"]["tasks"]["mnli"]
+    assert task_row["metrics"] == expected and task_row["score"] == pytest.approx((matched + mismatched) / 2)
+
+
+def test_soft_target_loss_is_weighted_by_alpha_task_and_alpha_ce(tmp_path, tiny_models, monkeypatch):
+    """The (D) loss of each student batch is alpha_task x task loss + alpha_ce x soft-target loss at the configured
+    temperature; the teacher's own fine-tuning uses the task loss alone."""
+    from accelerate import Accelerator
+
+    from distilbert_cli.tasks.base import SequenceClassificationTask
+
+    run_dir = tmp_path / "run"
+    _fake_upstream_stages(run_dir, tiny_models)
+    # Constant losses that still carry a gradient: 3 for the task, 7 for the soft targets.
+    monkeypatch.setattr(SequenceClassificationTask, "loss", lambda self, logits, labels: logits.sum() * 0 + 3.0)
+    temperatures = []
+
+    def soft_target_loss(self, student_logits, teacher_logits, temperature):
+        temperatures.append(temperature)
+        assert teacher_logits.shape == student_logits.shape and not teacher_logits.requires_grad
+        return student_logits.sum() * 0 + 7.0
+
+    monkeypatch.setattr(SequenceClassificationTask, "soft_target_loss", soft_target_loss)
+    losses = []
+    real_backward = Accelerator.backward
+    monkeypatch.setattr(Accelerator, "backward", lambda self, loss, **kw: (losses.append(loss.item()),
+                                                                           real_backward(self, loss, **kw)))
+    finetune.run(compose_config("finetune", [
+        f"run_dir={run_dir}", "task.names=[rte]", f"task.data_dir={GLUE_DIR}", "finetune.models=[student,teacher]",
+        "finetune.seeds=[1]", "finetune.epochs=1", "finetune.batch_size=16", "finetune.max_train_samples=32",
+        "finetune.max_eval_samples=8", "task.max_seq_length=32", "finetune.soft_targets.teacher=teacher",
+        "finetune.soft_targets.alpha_task=0.25", "finetune.soft_targets.alpha_ce=0.75",
+        "finetune.soft_targets.temperature=3.0"]))
+    # The teacher is fine-tuned first (2 batches of 16), then the student learns from it (2 batches).
+    assert losses == [3.0, 3.0, pytest.approx(0.25 * 3.0 + 0.75 * 7.0), pytest.approx(0.25 * 3.0 + 0.75 * 7.0)]
+    assert temperatures == [3.0, 3.0]

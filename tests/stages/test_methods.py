@@ -21,7 +21,7 @@ runner = CliRunner()
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 TRAIN = ["+debug=tiny", "train.max_steps=2", "validation.max_sequences=8"]
 FINETUNE = ["finetune.models=[student]", "task.names=[rte]", f"task.data_dir={GLUE_DIR}", "finetune.epochs=1",
-            "finetune.max_train_samples=16", "finetune.max_eval_samples=16", "finetune.max_seq_length=32"]
+            "finetune.max_train_samples=16", "finetune.max_eval_samples=16", "task.max_seq_length=32"]
 # Each experiment's student at a tiny width (the papers' shapes are the experiments' defaults).
 TINY_STUDENTS = {
     "tinybert_general": ["student.num_layers=2", "student.hidden_size=16", "student.num_attention_heads=4",

@@ -84,7 +84,8 @@ def test_txt_corpus_gives_framed_sequences_counts_and_contract(tmp_path, run_dir
     assert stats["sequences_written"] == {"train": 36, "validation": 4, "total": 40}
     assert stats["tokens_written"]["total"] == 40 * 22 and stats["tokens_written"]["train"] == counts.sum()
     assert stats["length_histogram"]["counts"][stats["length_histogram"]["bin_edges"].index(16)] == 40
-    assert stats["bad_lines"]["policy"] == "skip" and stats["tokens_per_second"] > 0
+    assert stats["bad_lines"]["policy"] == "skip"
+    assert stats["tokens_per_second"] == pytest.approx(40 * 22 / stats["seconds"], rel=1e-2)  # of what was written
     manifest = read_manifest(stage_dir)
     assert manifest["status"] == "complete"
     assert (manifest["tokenizer"], manifest["vocab_size"], manifest["max_seq_length"]) == (

@@ -159,9 +159,12 @@ def test_mnli_matched_and_mismatched():
     assert get_task("mnli").score(metrics) == 62.5
 
 
-def test_metrics_reject_mismatched_lengths():
-    with pytest.raises(ValueError, match="predictions"):
+def test_metrics_reject_mismatched_lengths_and_no_predictions():
+    with pytest.raises(ValueError, match=r"RTE: \(2,\) predictions for \(1,\) labels"):
         get_task("rte").compute_metrics([0, 1], [0])
+    with pytest.raises(ValueError, match=r"RTE: \(0,\) predictions for \(0,\) labels"):
+        get_task("rte").compute_metrics([], [])
+    assert get_task("rte").compute_metrics([1], [1]) == {"accuracy": 100.0}  # one example is a dev set
 
 
 def test_published_distilbert_score_is_the_mean_of_its_tasks():

@@ -64,6 +64,9 @@ def test_paired_bootstrap_needs_the_same_dev_examples_and_a_defined_score():
     assert paired_bootstrap(ours, seed_runs("sst2", [0, 1, 1], labels=[0, 1, 1]), 10, 0) is None
     constant = seed_runs("stsb", [2.0, 2.0, 2.0], labels=[1.0, 2.5, 4.0])  # Pearson of a constant: undefined
     assert paired_bootstrap(constant, constant, 10, 0) is None
+    # Two examples: Pearson is defined on both, but with seed 4 each of the 3 resamples draws one example twice.
+    two = seed_runs("stsb", [1.0, 2.0], labels=[1.0, 2.0])
+    assert paired_bootstrap(two, two, resamples=3, seed=4) is None
 
 
 
@@ -105,3 +108,34 @@ def test_table_2_shows_em_f1_cells_beside_the_paper_and_its_retention_on_the_sam
     assert "| DistilBERT (D) (published) | – | 79.1/86.9 |" in table
     # squad only (the teacher has no IMDb run): 75 / 80; the paper's (77.7 + 85.8) / (81.2 + 88.5) = 96.3%
     assert "Retention (student / teacher on squad): 93.8% (75.0 / 80.0); the paper on the same tasks: 96.3%." in table
+
+
+def test_paired_bootstrap_is_the_95_percent_percentile_interval_of_paired_resamples():
+    # One task, one split: each resample draws len(dev) example indices once, and both models are scored on them.
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    ours = np.where(rng.random(300) < 0.8, labels, 1 - labels)
+    theirs = np.where(rng.random(300) < 0.6, labels, 1 - labels)
+    result = paired_bootstrap(seed_runs("rte", ours, labels=labels), seed_runs("rte", theirs, labels=labels),
+                              resamples=200, seed=7)
+    draws = np.random.default_rng(7)
+    differences = []
+    for _ in range(200):
+        sample = draws.integers(0, 300, 300)
+        differences.append(100 * (np.mean(ours[sample] == labels[sample]) - np.mean(theirs[sample] == labels[sample])))
+    low, high = np.percentile(differences, [2.5, 97.5])
+    assert result == {"difference": pytest.approx(100 * (np.mean(ours == labels) - np.mean(theirs == labels))),
+                      "low": pytest.approx(low), "high": pytest.approx(high), "resamples": 200, "dev_examples": 300}
+
+
+def test_pairing_cancels_the_noise_the_two_models_share():
+    # Both right on the same 140 of 200 examples, ours also on 12 more: every resample favours ours by
+    # 0.5 x (draws among those 12) >= 0, so the paired 95% interval is about [3.0, 9.5] (Binomial(200, 0.06) / 2).
+    # Resampling the two models independently would add the noise of each accuracy (about +-8.7 at 95%).
+    labels = np.arange(200) % 2
+    theirs = np.where(np.arange(200) < 140, labels, 1 - labels)
+    ours = np.where(np.arange(200) < 152, labels, 1 - labels)
+    result = paired_bootstrap(seed_runs("rte", ours, labels=labels), seed_runs("rte", theirs, labels=labels),
+                              resamples=300, seed=0)
+    assert result["difference"] == pytest.approx(6.0)
+    assert 2.0 <= result["low"] <= 4.0 and 8.5 <= result["high"] <= 10.5, result

@@ -1,5 +1,5 @@
 """What MaskedLMRows captures of its layers: the attention projections' outputs (by hooks on the modules the
-family table names), the scores recomputed from them, the layer pairs."""
+family table names), the scores recomputed from them; which (student, teacher) layers the layer-wise losses pair."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch.testing import assert_close
 
 from distilbert_cli.errors import UsageError
+from distilbert_cli.models.student import select_layers
 from distilbert_cli.training.distiller import MaskedLMRows, layer_pairs
 from distilbert_cli.training.losses import attention_probabilities, head_scores, relation_kl_loss
 
@@ -126,3 +127,16 @@ def test_layer_pairs():
     assert layer_pairs(6, 6, [None] * 6) == [(i, i) for i in range(6)]  # MobileBERT: as deep as the teacher
     assert layer_pairs(6, 12, None, teacher_layer=-1) == [(5, 11)]  # MiniLM: last <- last
     assert layer_pairs(6, 24, None, teacher_layer=-4) == [(5, 20)]  # MiniLMv2, a large teacher: the 21st of 24
+
+
+@pytest.mark.parametrize("layer_map", [None, [None] * 5, [0, 1, 2]])  # no map, a random student, a map of 3 layers
+def test_without_a_usable_layer_map_12_to_5_pairs_like_init_uniform(layer_map):
+    # floor((i + 1) * 12 / 5) - 1 = [1, 3, 6, 8, 11]: the teacher layers init=uniform copies (round: [1, 4, 6, 9, 11])
+    assert layer_pairs(5, 12, layer_map) == [(0, 1), (1, 3), (2, 6), (3, 8), (4, 11)]
+    assert [t for _, t in layer_pairs(5, 12, layer_map)] == select_layers("uniform", 12, 5)
+
+
+def test_a_student_initialised_from_teacher_layers_is_paired_with_them():
+    assert layer_pairs(3, 12, [0, 5, 11]) == [(0, 0), (1, 5), (2, 11)]
+    assert layer_pairs(6, 12, select_layers("every_other", 12, 6)) == [(0, 0), (1, 2), (2, 4), (3, 7), (4, 9),
+                                                                       (5, 11)]

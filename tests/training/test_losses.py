@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 
+import pytest
 import torch
 from builders import loss_config
 from torch import nn
@@ -164,6 +165,25 @@ def test_attention_and_relation_terms_read_the_captured_projections():
                  relation_kl_loss(student["value"], teacher["value"], 2, mask))
 
 
+def test_attention_mse_averages_over_heads_and_real_pairs_and_sums_the_layers():
+    attention_mask = torch.tensor([[1, 1, 0]])  # 4 real (query, key) pairs of 9
+    student = torch.full((1, 2, 3, 3), 0.25)
+    teacher = torch.full((1, 2, 3, 3), 9.0)  # every pair involving the padded position is ignored
+    teacher[0, 0, :2, :2] = 0.5  # head 0: (0.25 - 0.5)^2 = 1/16 on the 4 real pairs
+    teacher[0, 1, :2, :2] = 1.25  # head 1: (0.25 - 1.25)^2 = 1 on them
+    layer = (4 * 1 / 16 + 4 * 1.0) / (4 * 2)
+    # the layers' terms are summed, as TinyBERT's code does
+    assert_close(attention_mse_loss([student, student], [teacher, torch.full_like(teacher, 0.25)], attention_mask),
+                 torch.tensor(layer + 0.0))
+
+
+def test_layer_losses_refuse_unpaired_layers():
+    with pytest.raises(ValueError):
+        hidden_mse_loss([torch.zeros(2, 3)] * 2, [torch.zeros(2, 3)] * 3)
+    with pytest.raises(ValueError):
+        attention_mse_loss([torch.zeros(1, 1, 2, 2)] * 3, [torch.zeros(1, 1, 2, 2)] * 2, torch.ones(1, 2))
+
+
 def test_plan_needs_only_what_nonzero_weights_use():
     mlm_only = LossPlan.from_config(loss_config(alpha_mlm=1.0))
     assert not mlm_only.needs_teacher and not mlm_only.teacher_logits and mlm_only.logits_at_targets_only
@@ -224,6 +244,46 @@ def test_total_is_the_weighted_sum_and_cosine_skips_padding():
     assert_close(losses["cos"], torch.tensor(0.0))
     assert_close(losses["loss"], 2.0 * torch.tensor(math.log(2.0)))
     assert set(losses) == {"mlm", "cos", "loss"}
+
+
+def test_two_nonzero_terms_are_each_scaled_by_their_own_weight():
+    # The cosine term is 0.5 here (not 0), so a wrong or missing alpha_cos shows in the total.
+    plan = LossPlan.from_config(loss_config(alpha_mlm=2.0, alpha_cos=3.0, restrict_ce_to_mask=True))
+    student_hidden = torch.tensor([[[1.0, 0.0]] * 3, [[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]]])
+    teacher_hidden = torch.ones(2, 3, 2) * torch.tensor([1.0, 0.0])
+    # real rows 0..4: cos 1, 1, 1, 1, 0 -> L_cos = (0 + 0 + 0 + 0 + 1) / 5; the padded row 5 is left out
+    target_logits = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])  # labels 0, 1: L_mlm = (ln 4/3 + ln 2) / 2
+    losses = compute_losses(plan, {"logits": target_logits, "last_hidden": student_hidden},
+                            {"last_hidden": teacher_hidden}, small_batch())
+    mlm = (math.log(4 / 3) + math.log(2.0)) / 2
+    assert_close(losses["cos"], torch.tensor(0.2))
+    assert_close(losses["mlm"], torch.tensor(mlm))
+    assert_close(losses["loss"], torch.tensor(2.0 * mlm + 3.0 * 0.2))
+
+
+def test_each_weight_scales_its_own_term():
+    # The logit and hidden-state terms alone at weight 1 against their hand values, then all at once with distinct
+    # weights (the attention and relation terms, which read captured queries and keys, have their own tests).
+    weights = {"mlm": 2.0, "ce": 5.0, "mse": 0.5, "cos": 3.0, "hidden": 7.0}
+    student_hidden = torch.tensor([[[1.0, 0.0]] * 3, [[0.0, 1.0]] * 3])  # rows 3-4 orthogonal to the teacher's
+    teacher_hidden = torch.ones(2, 3, 2) * torch.tensor([1.0, 0.0])
+
+    def losses(**alphas):
+        plan = LossPlan.from_config(loss_config(**{f"alpha_{name}": w for name, w in alphas.items()}))
+        rows = 2 if plan.logits_at_targets_only else 5  # the models compute logits at the plan's rows only
+        student = {"logits": torch.zeros(rows, 2), "last_hidden": student_hidden, "hidden_states": [student_hidden]}
+        teacher = {"logits": torch.tensor([[math.log(3.0), 0.0]] * rows), "last_hidden": teacher_hidden,
+                   "hidden_states": [teacher_hidden]}
+        return compute_losses(plan, student, teacher, small_batch())
+
+    # T = 2: the teacher's softmax([ln 3, 0] / 2) = [sqrt 3, 1] / (sqrt 3 + 1) against the student's uniform one
+    soft = [math.sqrt(3) / (math.sqrt(3) + 1), 1 / (math.sqrt(3) + 1)]
+    by_hand = {"mlm": math.log(2.0), "ce": 4 * sum(p * math.log(2 * p) for p in soft), "mse": math.log(3.0) ** 2,
+               "cos": 2 / 5, "hidden": (0 + 0 + 0 + 2 + 2) / 10}
+    alone = {name: losses(**{name: 1.0})["loss"] for name in weights}
+    for name, value in by_hand.items():
+        assert_close(alone[name], torch.tensor(value), msg=name)
+    assert_close(losses(**weights)["loss"], torch.tensor(sum(w * by_hand[name] for name, w in weights.items())))
 
 
 class RecordingModel(nn.Module):
