@@ -23,16 +23,25 @@ def run(name: str, mlm_loss: float | None = None, score: float | None = None, **
     return summary
 
 
+TRIPLE = {"alpha_ce": 5.0, "alpha_mlm": 2.0, "alpha_cos": 1.0}
+
+
 def test_verdict_says_better_or_not_on_each_figure():
-    main = run("triple_loss", mlm_loss=2.0, score=70.0)
-    lines = verdict(main, [run("worse", 2.5, 65.0), run("better", 1.5, 75.0), run("tied", 2.0, 70.0)],
-                    [None, None, None])
+    main = run("triple_loss", mlm_loss=2.0, score=70.0, loss_weights=TRIPLE)
+    lines = verdict(main, [run("worse", 2.5, 65.0, loss_weights=TRIPLE), run("better", 1.5, 75.0, loss_weights=TRIPLE),
+                           run("tied", 2.0, 70.0, loss_weights=TRIPLE)], [None, None, None])
     assert lines == [
         "- triple_loss vs worse: validation MLM loss 2.000 vs 2.500 (better); downstream 70.0 vs 65.0 (better)",
         "- triple_loss vs better: validation MLM loss 2.000 vs 1.500 (NOT better); downstream 70.0 vs 75.0 "
         "(NOT better)",
         "- triple_loss vs tied: validation MLM loss 2.000 vs 2.000 (NOT better); downstream 70.0 vs 70.0 (NOT better)",
     ]  # lower loss is better, higher score is better, a tie is not better; no comparison, no noise clause
+
+
+def test_verdict_leaves_out_the_mlm_loss_of_a_run_whose_objective_does_not_train_the_head():
+    tinybert = run("tinybert_general", 9.0, 60.0, loss_weights={"alpha_hidden": 1.0, "alpha_attn_scores": 1.0})
+    lines = verdict(run("triple_loss", 2.0, 70.0, loss_weights=TRIPLE), [tinybert], [None])
+    assert lines == ["- triple_loss vs tinybert_general: downstream 70.0 vs 60.0 (better)"]
 
 
 @pytest.mark.parametrize(("low", "high", "noise"), [(1.0, 9.0, "beyond noise"), (-1.0, 9.0, "within noise"),
@@ -46,17 +55,17 @@ def test_verdict_says_whether_the_downstream_difference_is_beyond_the_noise(low,
 
 
 def test_ablation_table_deltas_are_each_run_minus_this_run():
-    main = run("triple_loss", 2.0, 80.0, loss_weights={"alpha_ce": 5.0, "alpha_mlm": 2.0, "alpha_cos": 1.0},
-               init_strategy="every_other")
+    main = run("triple_loss", 2.0, 80.0, loss_weights=TRIPLE, init_strategy="every_other",
+               student_class="DistilBertForMaskedLM", param_counts={"student": 66_955_010})
     no_ce = run("no_ce", 2.25, 77.0, loss_weights={"alpha_mlm": 2.0, "alpha_cos": 1.0}, init_strategy="every_other")
     random_init = run("random_init", 3.5, 81.5, init_strategy="random")
     no_downstream = run("no_mlm", 2.1)
     header, rule, *rows = ablation_table(main, [no_ce, random_init, no_downstream])
     assert rows == [
-        "| triple_loss | ce 5, mlm 2, cos 1 | every_other | 2.000 | 0.500 | 80.0 | – | – |",
-        "| no_ce | mlm 2, cos 1 | every_other | 2.250 | 0.500 | 77.0 | -3.0 | -2.96 (published) |",
-        "| random_init | – | random | 3.500 | 0.500 | 81.5 | +1.5 | -3.69 (published) |",
-        "| no_mlm | – | – | 2.100 | 0.500 | – | – | -0.31 (published) |",
+        "| triple_loss | ce 5, mlm 2, cos 1 | DistilBert 67.0M | every_other | 2.000 | 0.500 | 80.0 | – | – |",
+        "| no_ce | mlm 2, cos 1 | – | every_other | 2.250 | 0.500 | 77.0 | -3.0 | -2.96 (published) |",
+        "| random_init | – | – | random | 3.500 | 0.500 | 81.5 | +1.5 | -3.69 (published) |",
+        "| no_mlm | – | – | – | 2.100 | 0.500 | – | – | -0.31 (published) |",
     ]
 
 

@@ -171,8 +171,9 @@ def load_checkpoint(checkpoint: Path, accelerator, model, optimizer, scheduler) 
     """Restore what save_checkpoint wrote into the prepared model, optimizer and scheduler (on every process)."""
     from safetensors.torch import load_model
 
+    device = accelerator.device  # safetensors takes "cpu", not the "cpu:0" of a multi-process CPU run
     _read(checkpoint / MODEL, lambda p: load_model(accelerator.unwrap_model(model), p, strict=True,
-                                                   device=str(accelerator.device)))
+                                                   device="cpu" if device.type == "cpu" else str(device)))
     _read(checkpoint / OPTIMIZER, lambda p: optimizer.load_state_dict(_load_optimizer(p)))
     _read(checkpoint / SCHEDULER, lambda p: scheduler.load_state_dict(json.loads(p.read_text())))
     if accelerator.scaler is not None:
