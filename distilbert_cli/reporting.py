@@ -265,15 +265,17 @@ def task_distillation_lines(found: list[dict]) -> list[str]:
                             f"{entry['labels']:.1f} ({'better' if delta > 0 else 'NOT better'}); difference "
                             f"{delta:+.1f}, 95% paired-bootstrap interval {interval} over "
                             f"{comparison['dev_examples']} dev examples: {_within(comparison)}")
-    beyond = [entry["run"]["name"] for entry in found if _within(entry["comparison"]) == "beyond noise"]
-    within = [entry["run"]["name"] for entry in found if _within(entry["comparison"]) == "within noise"]
-    summary = []
-    if beyond:
-        summary.append(f"beyond the noise of the dev set: {', '.join(beyond)}")
-    if within:
-        summary.append(f"within it (no effect shown either way): {', '.join(within)}")
-    return [*lines, "", *verdicts, *(["", "Task distillation vs labels alone, " + "; ".join(summary) + "."]
-                                     if summary else [])]
+    groups = {"ahead, beyond the noise of the dev set": [], "behind, beyond the noise of the dev set": [],
+              "within the noise (no effect shown either way)": []}
+    for entry in found:
+        if (verdict := _within(entry["comparison"])) == "within noise":
+            groups["within the noise (no effect shown either way)"].append(entry["run"]["name"])
+        elif verdict == "beyond noise":
+            ahead = entry["distilled"] > entry["labels"]
+            groups[f"{'ahead' if ahead else 'behind'}, beyond the noise of the dev set"].append(entry["run"]["name"])
+    summary = [f"{words}: {', '.join(names)}" for words, names in groups.items() if names]
+    return [*lines, "", *verdicts, *(["", "Task-distilled students against the same students on labels alone: "
+                                      + "; ".join(summary) + "."] if summary else [])]
 
 
 def _architecture(source: str) -> dict | None:

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
 from distilbert_cli.logs import distributed_state
+from distilbert_cli.models.families import find_family
 from distilbert_cli.models.loading import load_masked_lm, load_tokenizer
 from distilbert_cli.models.run_models import resolve_models
 from distilbert_cli.rundir import fingerprint, open_stage, require_complete, write_json_atomic
@@ -104,7 +105,10 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     if distributed_state().num_processes > 1:
         raise UsageError("task-distill runs in one process (the CPU or one GPU); launch it without accelerate/torchrun")
     (student,) = resolve_models(cfg.run_dir, [td.student], "task_distill.student")
-    check_task_model(student.source, task, "student", trust)
+    student_config = check_task_model(student.source, task, "student", trust)
+    if td.intermediate.epochs > 0 and find_family(student_config) is None:
+        raise UsageError(f"task_distill.intermediate matches transformer layers; the student is a "
+                         f"{student_config.model_type!r} model (set task_distill.intermediate.epochs=0)")
     needs_teacher = plan.uses_teacher or td.intermediate.epochs > 0
     teacher, own_teacher = teacher_source(cfg, task) if needs_teacher else (None, False)
     if teacher is not None:

@@ -165,6 +165,9 @@ def test_bad_settings_exit_2_with_one_line(tmp_path, overrides, message):
 def test_a_run_without_a_fine_tuned_teacher_or_with_a_foreign_student_exits_2(runs, tmp_path):
     result = runner.invoke(app, ["task-distill", f"run_dir={runs['lstm']}", "task.names=[sst2]", *SMALL])
     assert result.exit_code == 2 and "input stage finetune not found" in result.output
+    result = runner.invoke(app, ["task-distill", f"run_dir={runs['lstm']}", "task.names=[sst2]", *SMALL,
+                                 "task_distill.intermediate.epochs=1"])
+    assert result.exit_code == 2 and "the student is a 'distil_bilstm' model" in result.output
     other = build_tiny_bert(tmp_path / "other", num_layers=1)
     (other / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\n")
     from transformers import BertTokenizerFast
