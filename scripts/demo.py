@@ -204,7 +204,8 @@ class Demo:
         baselines = ",".join(str(self.root / name) for name in ("mlm_only", "bilstm"))
         self.distil("report", main_run, "report", f"report.baselines=[{baselines}]",
                     "report.teacher_note='sentence-transformers/all-MiniLM-L6-v2 (6 layers, 384 wide) with an "
-                    f"MLM head adapted for {TEACHER_MLM_STEPS} steps on the demo corpus'")
+                    f"MLM head adapted for {TEACHER_MLM_STEPS} steps on the demo corpus (the head alone for the first "
+                    "100, uniform masks)'")
         print(f"[demo] report: {main_run / 'report' / 'report.md'}", flush=True)
 
 
