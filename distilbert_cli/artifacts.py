@@ -5,6 +5,8 @@ stages read. The stage that writes a file and every stage that reads it name it 
     <run_dir>/init-student/  model/                       manifest: InitStudentFacts
     <run_dir>/distill/       final/, metrics.jsonl, validation.json, checkpoints/step-N/
     <run_dir>/finetune/      <model>/<task>/seed-<s>/{model/, predictions.jsonl, metrics.json, predictions-<split>.json}
+    <run_dir>/task-distill/  transfer/, transfer.json, student/<task>/seed-<s>/{model/, predictions.jsonl, metrics.json,
+                             metrics.jsonl}
     <run_dir>/evaluate/      results.json, results.md
     <run_dir>/bench-cpu/     results.json, results.md, latency.png
     <run_dir>/report/        report.md and the charts it embeds
@@ -30,10 +32,11 @@ PREPARE_DATA = "prepare-data"
 INIT_STUDENT = "init-student"
 DISTILL = "distill"
 FINETUNE = "finetune"
+TASK_DISTILL = "task-distill"
 EVALUATE = "evaluate"
 BENCH_CPU = "bench-cpu"
 REPORT = "report"
-STAGES = (PREPARE_DATA, INIT_STUDENT, DISTILL, FINETUNE, EVALUATE, BENCH_CPU, REPORT)
+STAGES = (PREPARE_DATA, INIT_STUDENT, DISTILL, FINETUNE, TASK_DISTILL, EVALUATE, BENCH_CPU, REPORT)
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -136,6 +139,10 @@ class FinetuneRun:
     def metrics(self) -> Path:
         return self.path / "metrics.json"
 
+    @property
+    def loss_log(self) -> Path:  # task-distill: one JSON line of loss terms per logged step
+        return self.path / "metrics.jsonl"
+
     def official_predictions(self, split: str) -> Path:
         """A split's predictions in the task's official format (SQuAD: {question id: answer text})."""
         return self.path / f"predictions-{split}.json"
@@ -143,6 +150,27 @@ class FinetuneRun:
     @property
     def seed(self) -> int:
         return int(self.path.name.removeprefix("seed-"))
+
+
+@dataclass(frozen=True)
+class TaskDistillOutputs:
+    """task-distill's outputs: the transfer set, and each student run in finetune's layout (model "student")."""
+
+    path: Path
+
+    @property
+    def transfer(self) -> Path:  # a datasets.Dataset (save_to_disk): texts, ids, labels, teacher outputs
+        return self.path / "transfer"
+
+    @property
+    def transfer_info(self) -> Path:  # how the transfer set was made (its settings, counts, seconds, bytes)
+        return self.path / "transfer.json"
+
+    def run(self, task: str, seed: int) -> FinetuneRun:
+        return FinetuneRun.of(self.path, TASK_DISTILLED_MODEL, task, seed)
+
+
+TASK_DISTILLED_MODEL = "student"
 
 
 def finetune_runs(finetune_dir: Path, model: str, task: str) -> list[FinetuneRun]:
@@ -155,10 +183,10 @@ def finetuned_models(finetune_dir: Path) -> list[str]:
     return sorted(path.name for path in finetune_dir.iterdir() if path.is_dir())
 
 
-# stats.json and finetune's metrics.json hold timings; metrics.jsonl throughput; checkpoints/ and wandb/ are the
-# distill stage's own resume state and tracker files.
+# stats.json, finetune's and task-distill's metrics.json and transfer.json hold timings; metrics.jsonl throughput;
+# checkpoints/ and wandb/ are the distill stage's own resume state and tracker files.
 UNFINGERPRINTED = {PREPARE_DATA: ("stats.json",), DISTILL: ("metrics.jsonl", "checkpoints", "wandb"),
-                   FINETUNE: ("metrics.json",)}
+                   FINETUNE: ("metrics.json",), TASK_DISTILL: ("metrics.json", "transfer.json")}
 FINETUNE_PREDICTIONS = f"*/{PREDICTIONS_JSONL}"  # what evaluate reads of the finetune stage
 
 

@@ -57,6 +57,11 @@ def _finetune() -> StageRun:
     return finetune.run
 
 
+def _task_distill() -> StageRun:
+    from distilbert_cli.stages import task_distill
+    return task_distill.run
+
+
 def _evaluate() -> StageRun:
     from distilbert_cli.stages import evaluate
     return evaluate.run
@@ -86,6 +91,11 @@ COMMANDS = (
     StageCommand("finetune", "finetune", _finetune,
                  "Fine-tune the student (or teacher) on GLUE, IMDb, SQuAD or your own data, several seeds.",
                  "reads: distill/final/ (or any model); writes: <run_dir>/finetune/"),
+    StageCommand("task-distill", "task_distill", _task_distill,
+                 "Distill a fine-tuned teacher into a student on one task's training set plus augmented copies "
+                 "(Tang et al.; TinyBERT's task stage): a transformer or a BiLSTM (init-student student=bilstm).",
+                 "reads: finetune/teacher/ (or any fine-tuned model), distill/final/ (or any model); "
+                 "writes: <run_dir>/task-distill/"),
     StageCommand("evaluate", "evaluate", _evaluate,
                  "Score fine-tuned models and write the paper's tables (Tables 1 and 2). Alias: eval-glue.",
                  "reads: finetune/; writes: <run_dir>/evaluate/results.md", aliases=("eval-glue",)),

@@ -1,10 +1,11 @@
-"""The report's content: what each run's stages say (objective, init, validation MLM, downstream scores), the
-loss curves, the ablation table (the paper's Table 4 at this scale) and the verdict of each comparison, with
-the paired bootstrap saying whether a downstream difference is beyond the noise of the dev set."""
+"""The report's content: what each run's stages say (objective, init, validation MLM, downstream scores, task
+distillation), the loss curves, the ablation table (the paper's Table 4 at this scale), the teacher's masked-token
+accuracy, the verdict of each comparison, with the paired bootstrap saying whether a downstream difference is
+beyond the noise of the dev set, and every model's accuracy beside its CPU latency."""
 
 from __future__ import annotations
 
-import itertools
+import json
 import shutil
 from pathlib import Path
 
@@ -15,18 +16,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from distilbert_cli import artifacts  # noqa: E402
 from distilbert_cli.artifacts import complete_stage, read_json, read_jsonl  # noqa: E402
+from distilbert_cli.errors import UsageError  # noqa: E402
+from distilbert_cli.models.run_models import run_student  # noqa: E402
 from distilbert_cli.rundir import read_manifest  # noqa: E402
 from distilbert_cli.tasks import get_tasks  # noqa: E402
-from distilbert_cli.tasks.results import finetuned_runs, paired_bootstrap  # noqa: E402
+from distilbert_cli.tasks.results import finetuned_runs, paired_bootstrap, runs_score  # noqa: E402
 from distilbert_cli.training.losses import LOSS_TERMS  # noqa: E402
+from distilbert_cli.training.task_losses import TASK_LOSS_TERMS  # noqa: E402
 
-LOSS_COMPONENTS = ("loss", *(f"loss_{name}" for name in LOSS_TERMS))
+# The loss curves: what distil train and distil task-distill log, one panel each.
+LOSS_COMPONENTS = {"distill": ("loss", *(f"loss_{name}" for name in LOSS_TERMS)),
+                   "task-distill": ("loss", *(f"loss_{name}" for name in {**LOSS_TERMS, **TASK_LOSS_TERMS}))}
 # The paper's Table 4: GLUE macro-score change of each ablation against the triple loss.
 PUBLISHED_ABLATIONS = {"no_ce": -2.96, "no_cos": -1.46, "no_mlm": -0.31, "random_init": -3.69}
+# The latency the accuracy chart plots: eager PyTorch fp32 (the paper's Table 3 setting) at the smallest batch.
+CHART_BACKEND = "eager"
 
 
 def run_summary(run_dir: Path) -> dict:
-    """What one run's stages say: objective, init, validation MLM, downstream scores, parameters."""
+    """What one run's stages say: objective, init, validation MLM, downstream scores, parameters, task distillation."""
     summary = {"name": run_dir.name, "path": str(run_dir)}
     if complete_stage(run_dir, artifacts.INIT_STUDENT):
         init = artifacts.init_student_facts(run_dir)
@@ -47,26 +55,50 @@ def run_summary(run_dir: Path) -> dict:
         summary["downstream_tasks"] = {model: sorted(row["tasks"]) for model, row in results["models"].items()}
         summary["downstream_notes"] = results["notes"]
         summary["retention"] = results["retention"]
+    if td_dir := complete_stage(run_dir, artifacts.TASK_DISTILL):
+        manifest = read_manifest(td_dir)
+        config = manifest["config"]
+        task, seeds = config["task"]["names"][0], config["task_distill"]["seeds"]
+        first = artifacts.TaskDistillOutputs(td_dir).run(get_tasks([task])[0].name, seeds[0])
+        summary["task_distill"] = {
+            "task": task, "scores": manifest["scores"], "transfer": manifest["transfer"]["stats"],
+            "augment": config["augment"], "settings": config["task_distill"],
+            "training": read_json(first.metrics), "metrics": read_jsonl(first.loss_log)}
     return summary
 
 
 def plot_losses(runs: list[dict], path: Path) -> bool:
-    """One panel per run: every logged loss component over optimizer steps (a component only where it was
-    logged), and the end of each training stage (progressive transfer) as a dotted line."""
-    runs = [r for r in runs if r.get("metrics")]
-    if not runs:
+    """One panel per logged loss component (of distil train, and of distil task-distill), every run that logged it
+    overlaid on the panel's shared scale, over optimizer steps; the end of each training stage (progressive
+    transfer, a head-only start, TinyBERT's intermediate step) dotted in the run's colour."""
+    curves: dict[str, dict[str, list[dict]]] = {}  # panel -> run -> metrics lines
+    for run in runs:
+        logs = {"distill": run.get("metrics"), "task-distill": run.get("task_distill", {}).get("metrics")}
+        for stage, lines in logs.items():
+            for component in LOSS_COMPONENTS[stage] if lines else ():
+                if any(component in line for line in lines):
+                    curves.setdefault(f"{stage}: {component}", {})[run["name"]] = lines
+    if not curves:
         return False
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
-    for axis, run in zip(axes[0], runs, strict=True):
-        for component in LOSS_COMPONENTS:
-            points = [(m["step"], m[component]) for m in run["metrics"] if component in m]
-            if points:
-                axis.plot(*zip(*points, strict=True), label=component, marker="." if len(points) == 1 else None)
-        for before, after in itertools.pairwise(run["metrics"]):
-            if before.get("stage") != after.get("stage"):
-                axis.axvline(before["step"], color="grey", linestyle=":", linewidth=0.8)
-        axis.set(title=run["name"], xlabel="step", ylabel="loss", yscale="log")
+    colours = {run["name"]: f"C{i}" for i, run in enumerate(runs)}
+    columns = min(3, len(curves))
+    rows = -(-len(curves) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
+    for axis, (panel, by_run) in zip(axes.flat, curves.items(), strict=False):
+        component = panel.split(": ")[1]
+        values = []
+        for name, lines in by_run.items():
+            points = [(line["step"], line[component]) for line in lines if component in line]
+            values += [value for _, value in points]
+            axis.plot(*zip(*points, strict=True), label=name, color=colours[name],
+                      marker="." if len(points) == 1 else None)
+            for before, after in zip(lines, lines[1:], strict=False):
+                if before.get("stage") != after.get("stage"):
+                    axis.axvline(before["step"], color=colours[name], linestyle=":", linewidth=0.8)
+        axis.set(title=panel, xlabel="step", yscale="log" if min(values) > 0 else "linear")
         axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(curves):]:
+        axis.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -84,6 +116,13 @@ def _student(run: dict) -> str:
     return f"{run['student_class'].removesuffix('ForMaskedLM')} {run['param_counts']['student'] / 1e6:.1f}M"
 
 
+def _init(run: dict) -> str:
+    """How the student started: init-student's strategy (a BiLSTM copies no layers, only the embeddings)."""
+    if run.get("student_arch") == "bilstm":
+        return "random" if run["init_strategy"] == "random" else "teacher's embeddings, PCA"
+    return run.get("init_strategy", "–")
+
+
 def ablation_table(main: dict, baselines: list[dict]) -> list[str]:
     """Table 4 at this scale: validation MLM and downstream score of each run, with deltas vs this run."""
     lines = ["| run | objective (weights) | student | init | val MLM loss | val MLM acc | downstream score | "
@@ -95,7 +134,7 @@ def ablation_table(main: dict, baselines: list[dict]) -> list[str]:
         delta = None if score is None or base_score is None or run is main else score - base_score
         weights = ", ".join(f"{k.removeprefix('alpha_')} {v:g}" for k, v in run.get("loss_weights", {}).items())
         published = PUBLISHED_ABLATIONS.get(run["name"])
-        lines.append(f"| {run['name']} | {weights or '–'} | {_student(run)} | {run.get('init_strategy', '–')} | "
+        lines.append(f"| {run['name']} | {weights or '–'} | {_student(run)} | {_init(run)} | "
                      f"{_fmt(student.get('mlm_loss'))} | {_fmt(student.get('mlm_accuracy'))} | "
                      f"{_fmt(score, 1)} | {'–' if delta is None else f'{delta:+.1f}'} | "
                      f"{'–' if published is None else f'{published:+.2f} (published)'} |")
@@ -156,6 +195,181 @@ def verdict(main: dict, baselines: list[dict], comparisons: list[dict | None]) -
     return lines
 
 
+def teacher_masked_tokens(main: dict) -> list[str]:
+    """The teacher's masked-token accuracy on the smoothed and the uniform validation masks, and what the gap means
+    for the pretraining comparison above."""
+    validation = main.get("validation", {})
+    teacher = validation.get("teacher")
+    if not teacher or "uniform" not in teacher:
+        return []
+    exponent = validation["smoothing_exponent"]
+    return [f"The teacher predicts {100 * teacher['uniform']['mlm_accuracy']:.1f}% of masked tokens drawn uniformly "
+            f"(loss {teacher['uniform']['mlm_loss']:.3f}) but {100 * teacher['mlm_accuracy']:.1f}% of masks drawn "
+            f"with frequency smoothing (probability ~ count^-{exponent:g}; loss {teacher['mlm_loss']:.3f}), the masks "
+            "of the validation columns above: they pick rare tokens, which a small model adapted briefly rarely "
+            "gets right. Read those columns as a ranking of the runs, not as how well the models know the "
+            "language, and a student's soft targets as coming from a teacher that is right on about "
+            f"{100 * teacher['uniform']['mlm_accuracy']:.0f}% of ordinary masked words.", ""]
+
+
+def task_distillation(runs: list[dict], resamples: int, seed: int) -> list[dict]:
+    """For each run with a task-distill stage and its student fine-tuned on labels alone (finetune): both scores and
+    the paired bootstrap of task-distilled minus labels alone on the same dev examples."""
+    found = []
+    for run in runs:
+        path = Path(run["path"])
+        td_dir, finetune_dir = complete_stage(path, artifacts.TASK_DISTILL), complete_stage(path, artifacts.FINETUNE)
+        if td_dir is None or finetune_dir is None:
+            continue
+        tasks = get_tasks([run["task_distill"]["task"]])
+        labels = finetuned_runs(finetune_dir, tasks, models=["student"])
+        distilled = finetuned_runs(td_dir, tasks, models=[artifacts.TASK_DISTILLED_MODEL])
+        if not labels or not distilled:
+            continue
+        found.append({"run": run, "labels": runs_score(labels), "distilled": runs_score(distilled),
+                      "labels_training": read_json(artifacts.FinetuneRun(labels[0]["where"]).metrics),
+                      "comparison": paired_bootstrap(distilled, labels, resamples, seed) if resamples else None})
+    return found
+
+
+def _within(comparison: dict | None) -> str:
+    if comparison is None:
+        return "not tested"
+    return "within noise" if comparison["low"] <= 0 <= comparison["high"] else "beyond noise"
+
+
+def task_distillation_lines(found: list[dict]) -> list[str]:
+    """The table of labels alone vs task-distilled, per student, and the verdicts in words."""
+    if not found:
+        return []
+    lines = ["| run | student | labels alone | task-distilled | Δ | 95% interval | verdict | training |",
+             "|---|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for entry in found:
+        run, comparison, td = entry["run"], entry["comparison"], entry["run"]["task_distill"]
+        delta = entry["distilled"] - entry["labels"]
+        interval = "–" if comparison is None else f"[{comparison['low']:+.1f}, {comparison['high']:+.1f}]"
+        augment = td["augment"]
+        copies = f", N={augment['copies']}" if "copies" in augment else ""
+        weights = ", ".join(f"{name} {weight:g}" for name, weight in td["training"]["losses"].items())
+        steps = td["training"]["steps"]
+        intermediate = f"{steps['intermediate']} intermediate-layer + " if steps["intermediate"] else ""
+        labels = entry["labels_training"]
+        training = (f"labels: {labels['steps']} steps on {labels['train_examples']} examples; distilled: "
+                    f"{intermediate}{steps['prediction']} steps on {td['transfer']['rows']} rows "
+                    f"(augment={augment['method']}{copies}; {weights}, T {td['training']['temperature']:g})")
+        lines.append(f"| {run['name']} | {_student(run)} | {entry['labels']:.1f} | {entry['distilled']:.1f} | "
+                     f"{delta:+.1f} | {interval} | {_within(comparison)} | {training} |")
+        if comparison is not None:
+            verdicts.append(f"- {run['name']}: task-distilled {entry['distilled']:.1f} vs labels alone "
+                            f"{entry['labels']:.1f} ({'better' if delta > 0 else 'NOT better'}); difference "
+                            f"{delta:+.1f}, 95% paired-bootstrap interval {interval} over "
+                            f"{comparison['dev_examples']} dev examples: {_within(comparison)}")
+    groups = {"ahead, beyond the noise of the dev set": [], "behind, beyond the noise of the dev set": [],
+              "within the noise (no effect shown either way)": []}
+    for entry in found:
+        if (verdict := _within(entry["comparison"])) == "within noise":
+            groups["within the noise (no effect shown either way)"].append(entry["run"]["name"])
+        elif verdict == "beyond noise":
+            ahead = entry["distilled"] > entry["labels"]
+            groups[f"{'ahead' if ahead else 'behind'}, beyond the noise of the dev set"].append(entry["run"]["name"])
+    summary = [f"{words}: {', '.join(names)}" for words, names in groups.items() if names]
+    return [*lines, "", *verdicts, *(["", "Task-distilled students against the same students on labels alone: "
+                                      + "; ".join(summary) + "."] if summary else [])]
+
+
+def _architecture(source: str) -> dict | None:
+    """What decides a model's speed: its config's type and sizes (the same for every student of one shape)."""
+    config_path = Path(source) / "config.json"
+    if not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text())
+    keys = ("model_type", "vocab_size", "n_layers", "num_hidden_layers", "dim", "hidden_size", "hidden_dim",
+            "intermediate_size", "embedding_size", "n_heads", "num_attention_heads")
+    return {key: config[key] for key in keys if key in config}
+
+
+def accuracy_latency(main: dict, runs: list[dict], found: list[dict]) -> list[dict]:
+    """Every model of the report with its downstream score and the median latency bench-cpu measured for its
+    architecture (the teacher; each run's student on labels alone and task-distilled): the points of the chart."""
+    bench_dir = complete_stage(Path(main["path"]), artifacts.BENCH_CPU)
+    if bench_dir is None:
+        return []
+    results = read_json(bench_dir / artifacts.RESULTS_JSON)
+    size = min(results["method"]["batch_sizes"])
+    latency = {row["model"]: row["latency_ms"]["median"] for row in results["results"]
+               if row["status"] == "ok" and row["backend"] == CHART_BACKEND and row["batch_size"] == size}
+    timed = [(model, _architecture(model["source"])) for model in results["models"] if model["name"] in latency]
+
+    def measured(source: str, role: str) -> tuple[float, str] | None:
+        for model, _ in timed:
+            if model["name"] == role or Path(model["source"]).resolve() == Path(source).resolve():
+                return latency[model["name"]], model["name"]
+        for model, architecture in timed:  # a student of the same shape runs as fast
+            if architecture is not None and architecture == _architecture(source):
+                return latency[model["name"]], model["name"]
+        return None
+
+    points = []
+    if (score := main.get("downstream", {}).get("teacher")) is not None and (timing := measured(main["teacher"],
+                                                                                                  "teacher")):
+        points.append({"name": "teacher", "accuracy": score, "latency_ms": timing[0], "timed_as": timing[1]})
+    distilled = {entry["run"]["name"]: entry["distilled"] for entry in found}
+    for run in runs:
+        if "student_arch" not in run:
+            continue
+        try:
+            source = run_student(run["path"]).source
+        except UsageError:  # a run without its student (no distill stage): nothing to place
+            continue
+        timing = measured(source, "student" if run is main else "")
+        if timing is None:
+            continue
+        for label, score in ((f"{run['name']} (labels)", run.get("downstream", {}).get("student")),
+                             (f"{run['name']} (task-distilled)", distilled.get(run["name"]))):
+            if score is not None:
+                points.append({"name": label, "accuracy": score, "latency_ms": timing[0], "timed_as": timing[1]})
+    return points
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    """The points no other point beats on both latency (lower) and accuracy (higher), fastest first."""
+    front = [p for p in points if not any(q["latency_ms"] <= p["latency_ms"] and q["accuracy"] >= p["accuracy"]
+                                          and (q["latency_ms"], q["accuracy"]) != (p["latency_ms"], p["accuracy"])
+                                          for q in points)]
+    return sorted(front, key=lambda p: p["latency_ms"])
+
+
+def plot_accuracy_latency(points: list[dict], path: Path) -> None:
+    front = pareto_front(points)
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    axis.scatter([p["latency_ms"] for p in points], [p["accuracy"] for p in points], color="C0", zorder=2)
+    axis.plot([p["latency_ms"] for p in front], [p["accuracy"] for p in front], color="C3", marker="o",
+              linestyle="--", label="Pareto front (nothing both faster and more accurate)", zorder=3)
+    for point in points:
+        axis.annotate(point["name"], (point["latency_ms"], point["accuracy"]), fontsize=7,
+                      xytext=(4, 4), textcoords="offset points")
+    axis.set(xlabel=f"CPU latency, batch 1, {CHART_BACKEND} fp32 (median ms)", ylabel="dev score",
+             title="Accuracy vs CPU latency")
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def accuracy_latency_lines(points: list[dict]) -> list[str]:
+    if not points:
+        return []
+    front = {p["name"] for p in pareto_front(points)}
+    lines = ["| model | dev score | CPU latency (ms) | timed as | Pareto front |", "|---|---|---|---|---|"]
+    for point in sorted(points, key=lambda p: p["latency_ms"]):
+        lines.append(f"| {point['name']} | {point['accuracy']:.1f} | {point['latency_ms']:.2f} | {point['timed_as']} | "
+                     f"{'yes' if point['name'] in front else ''} |")
+    return [*lines, "", f"Latency: bench-cpu's median at batch size 1 ({CHART_BACKEND}, fp32) of the model of the same "
+            "architecture (a task head aside, students of one shape run alike: their weights differ, not their "
+            "work).", "", "![accuracy vs latency](accuracy_latency.png)"]
+
+
 def stage_markdown(run_dir: Path, stage: str, out_dir: Path) -> list[str]:
     """Another stage's own results.md, headings demoted, its PNGs copied beside the report."""
     stage_dir = complete_stage(run_dir, stage)
@@ -173,7 +387,7 @@ def stage_markdown(run_dir: Path, stage: str, out_dir: Path) -> list[str]:
 
 
 def render(main: dict, baselines: list[dict], verdict_lines: list[str], run_dir: Path, out_dir: Path,
-           teacher_note: str | None, has_curves: bool) -> str:
+           teacher_note: str | None, has_curves: bool, task_lines: list[str], speed_lines: list[str]) -> str:
     counts = main.get("param_counts", {})
     lines = [f"# DistilBERT report: {main['name']}", "",
              f"Run directory `{run_dir}`; baselines: {', '.join(b['name'] for b in baselines) or 'none'}.", ""]
@@ -184,7 +398,12 @@ def render(main: dict, baselines: list[dict], verdict_lines: list[str], run_dir:
                   f"({100 * counts['student'] / counts['teacher']:.0f}% of the teacher; the paper: 66M / 110M = 60%)",
                   ""]
     lines += ["## Distillation: validation MLM and downstream score (the paper's Table 4, at this scale)", "",
-              *ablation_table(main, baselines), "", *verdict_lines, ""]
+              *ablation_table(main, baselines), "", *teacher_masked_tokens(main), *verdict_lines, ""]
+    if task_lines:
+        lines += ["## Task-specific distillation: labels alone vs a fine-tuned teacher's outputs on augmented data",
+                  "", *task_lines, ""]
+    if speed_lines:
+        lines += ["## Accuracy beside CPU latency", "", *speed_lines, ""]
     if has_curves:
         lines += ["## Loss curves", "", "![loss curves](loss_curves.png)", ""]
     lines += ["## Downstream (the paper's Tables 1 and 2, at this scale)", "",

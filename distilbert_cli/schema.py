@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from distilbert_cli.training.losses import LOSS_TERMS
+from distilbert_cli.training.task_losses import TASK_LOSS_TERMS
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -160,6 +161,14 @@ class Student(Group):
     intermediate_size: PositiveInt | None
 
 
+class BiLSTMStudent(Group):
+    arch: Literal["bilstm"]
+    embedding_size: PositiveInt
+    hidden_size: PositiveInt  # per direction
+    classifier_size: PositiveInt
+    dropout: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+
+
 class Init(Group):
     strategy: Literal["every_other", "uniform", "first_k", "last_k", "explicit", "random"]
     layers: list[NonNegativeInt] | None  # init=explicit only
@@ -167,7 +176,7 @@ class Init(Group):
 
 class InitStudent(Common):
     teacher: Teacher
-    student: Student
+    student: Annotated[Student | BiLSTMStudent, Field(discriminator="arch")]
     init: Init
     fold_token_type_embeddings: bool
     copy_mlm_head_transform: bool
@@ -175,23 +184,25 @@ class InitStudent(Common):
 
 # ---- train ------------------------------------------------------------------------------------------------
 
-# The loss weights come from the registry: adding a loss adds its `alpha_<name>` here.
-_LossWeights = create_model("_LossWeights", __base__=Group,
-                            **{f"alpha_{name}": (NonNegativeFloat, ...) for name in LOSS_TERMS})
+def loss_weights(section: str, terms) -> type[Group]:
+    """A group with one weight `alpha_<name>` per term of a loss registry, at least one of them nonzero: adding a
+    term to the registry adds its weight here."""
+    def some_weight(self):
+        if not any(getattr(self, f"alpha_{name}") for name in terms):
+            raise ValueError(f"every {section} weight is 0: set at least one of "
+                             + ", ".join(f"{section}.alpha_{name}" for name in terms))
+        return self
+
+    return create_model(f"{section}_weights", __base__=Group,
+                        __validators__={"_some_weight": model_validator(mode="after")(some_weight)},
+                        **{f"alpha_{name}": (NonNegativeFloat, ...) for name in terms})
 
 
-class Loss(_LossWeights):
+class Loss(loss_weights("loss", LOSS_TERMS)):
     temperature: PositiveFloat
     restrict_ce_to_mask: bool
     teacher_layer: int | None  # null: every student layer paired; an index (negative from the top): MiniLM's
     relation_heads: PositiveInt | None  # null: the teacher's attention heads
-
-    @model_validator(mode="after")
-    def _some_weight(self):
-        if not any(getattr(self, f"alpha_{name}") for name in LOSS_TERMS):
-            raise ValueError("every loss weight is 0: set at least one of "
-                             + ", ".join(f"loss.alpha_{name}" for name in LOSS_TERMS))
-        return self
 
 
 class Batch(Group):
@@ -248,6 +259,7 @@ class TrainSettings(Group):
     deterministic: bool
     max_bad_steps: NonNegativeInt
     progressive_transfer: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # share of the steps; 0: off
+    head_only_steps: NonNegativeInt  # the first steps train the MLM head alone; 0: off
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -262,6 +274,7 @@ class Validation(Group):
     max_sequences: PositiveInt
     batch_size: PositiveInt
     seed: NonNegativeInt
+    smoothing_exponent: NonNegativeFloat
 
 
 class Train(Common):
@@ -284,24 +297,29 @@ class SoftTargets(Group):
     temperature: PositiveFloat
 
 
-class FinetuneSettings(Group):
-    models: Annotated[list[str], Field(min_length=1)]
+class TaskTraining(Group):
+    """What finetune and task-distill train a task model with (tasks/finetuning.py training_schedule)."""
+
     seeds: Annotated[list[NonNegativeInt], Field(min_length=1)]
     batch_size: PositiveInt
     learning_rate: PositiveFloat
     weight_decay: NonNegativeFloat
     warmup_ratio: Fraction
     max_grad_norm: PositiveFloat | None  # null: no clipping
+    max_train_samples: PositiveInt | None
+    max_eval_samples: PositiveInt | None
+
+    _distinct_seeds = field_validator("seeds")(_distinct)
+
+
+class FinetuneSettings(TaskTraining):
+    models: Annotated[list[str], Field(min_length=1)]
     epochs: PositiveInt
     long_tasks: list[str]
     long_task_epochs: PositiveInt
-    max_train_samples: PositiveInt | None
-    max_eval_samples: PositiveInt | None
     mixed_precision: Precision
     save_models: bool
     soft_targets: SoftTargets
-
-    _distinct_seeds = field_validator("seeds")(_distinct)
 
     @model_validator(mode="after")
     def _teacher_listed(self):
@@ -313,6 +331,71 @@ class FinetuneSettings(Group):
 class Finetune(Common):
     task: Task
     finetune: FinetuneSettings
+
+
+# ---- task-distill ---------------------------------------------------------------------------------------------
+
+class TinyBertAugment(Group):
+    method: Literal["tinybert"]
+    copies: PositiveInt
+    replace_probability: Fraction
+    candidates: PositiveInt
+    masked_lm: str  # `teacher`: the run's teacher (init-student's); or a directory / hub name
+    batch_size: PositiveInt
+
+
+class TangAugment(Group):
+    method: Literal["tang"]
+    copies: PositiveInt
+    mask_probability: Fraction
+    ngram_probability: Fraction
+    max_ngram: PositiveInt
+
+
+class NoAugment(Group):
+    method: Literal["none"]
+
+
+class TaskLoss(loss_weights("task_distill.loss", TASK_LOSS_TERMS)):
+    temperature: PositiveFloat
+
+
+class IntermediateLayers(Group):
+    epochs: NonNegativeFloat  # 0: no intermediate-layer step
+    alpha_embed: NonNegativeFloat
+    alpha_hidden: NonNegativeFloat
+    alpha_attn_scores: NonNegativeFloat
+
+
+class TaskDistillSettings(TaskTraining):
+    teacher: str  # `teacher`: the run's fine-tuned teacher; or a directory with the task's head
+    student: str  # `student`: the run's student; or a directory / hub name
+    transfer_set: str | None  # another run's task-distill/transfer/ to reuse; null: build it here
+    teacher_batch_size: PositiveInt
+    epochs: PositiveFloat | None
+    max_steps: PositiveInt | None
+    log_every: PositiveInt
+    loss: TaskLoss
+    intermediate: IntermediateLayers
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.epochs is None) == (self.max_steps is None):
+            raise ValueError(f"set exactly one of task_distill.epochs, task_distill.max_steps (the other null); got "
+                             f"epochs={self.epochs}, max_steps={self.max_steps}")
+        return self
+
+
+class TaskDistill(Common):
+    task: Task
+    augment: Annotated[TinyBertAugment | TangAugment | NoAugment, Field(discriminator="method")]
+    task_distill: TaskDistillSettings
+
+    @model_validator(mode="after")
+    def _one_task(self):
+        if len(self.task.names) != 1:
+            raise ValueError(f"task-distill distills one task; task.names names {self.task.names}")
+        return self
 
 
 class EvalSettings(Group):
@@ -371,7 +454,7 @@ class Report(Common):
 # The schema of each command's primary config (conf/<name>.yaml).
 COMMAND_SCHEMAS: dict[str, type[BaseModel]] = {
     "prepare_data": PrepareData, "init_student": InitStudent, "train": Train, "finetune": Finetune,
-    "evaluate": Evaluate, "bench_cpu": BenchCpu, "report": Report,
+    "task_distill": TaskDistill, "evaluate": Evaluate, "bench_cpu": BenchCpu, "report": Report,
 }
 
 

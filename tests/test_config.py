@@ -14,6 +14,7 @@ import distilbert_cli
 from distilbert_cli.cli import COMMANDS
 from distilbert_cli.config import CONF_DIR, compose_config
 from distilbert_cli.training.losses import LOSS_TERMS
+from distilbert_cli.training.task_losses import TASK_LOSS_TERMS
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 PUBLIC_KEYS = {
@@ -21,6 +22,8 @@ PUBLIC_KEYS = {
     "init_student": ["run_dir", "overwrite", "seed", "teacher.name_or_path"],
     "train": ["run_dir", "overwrite", "seed", "teacher.name_or_path", "logger.name"],
     "finetune": ["run_dir", "overwrite", "seed", "task.names", "task.data_dir"],
+    "task_distill": ["run_dir", "overwrite", "seed", "task.names", "task.data_dir", "augment.method",
+                     "task_distill.teacher", "task_distill.student"],
     "evaluate": ["run_dir", "overwrite", "seed", "task.names", "task.data_dir"],
     "bench_cpu": ["run_dir", "overwrite", "seed", "task.names"],
     "report": ["run_dir", "overwrite", "seed"],
@@ -31,8 +34,8 @@ SHARED_KEYS = {"run_dir", "overwrite", "seed", "trust_remote_code"}
 NULLABLE_KEYS = {"task.data_dir", "teacher.name_or_path"}
 YAML_FILES = sorted(CONF_DIR.rglob("*.yaml"))
 PACKAGE_SOURCE = "\n".join(path.read_text() for path in Path(distilbert_cli.__file__).parent.rglob("*.py"))
-# Keys the code reads by a computed name: the loss registry's weights, loss_cfg[f"alpha_{name}"].
-COMPUTED_KEYS = {f"alpha_{name}" for name in LOSS_TERMS}
+# Keys the code reads by a computed name: the loss registries' weights, loss_cfg[f"alpha_{name}"].
+COMPUTED_KEYS = {f"alpha_{name}" for name in (*LOSS_TERMS, *TASK_LOSS_TERMS)}
 
 
 def leaf_keys(node, prefix: str = "") -> list[str]:

@@ -18,6 +18,9 @@ pytestmark = pytest.mark.slow  # every stage on tiny models, twice (~1 min on 2 
 runner = CliRunner()
 FINETUNE_SMOKE = ["task.names=[rte]", f"task.data_dir={GLUE_DIR}", "finetune.epochs=1",
                   "finetune.max_train_samples=64", "finetune.max_eval_samples=32", "task.max_seq_length=64"]
+TASK_DISTILL_SMOKE = ["task.names=[rte]", f"task.data_dir={GLUE_DIR}", "task.max_seq_length=64", "augment=tang",
+                      "augment.copies=1", "task_distill.max_train_samples=64", "task_distill.max_eval_samples=32",
+                      "task_distill.epochs=null", "task_distill.max_steps=2"]
 
 
 def distil(*args: str) -> None:
@@ -35,18 +38,28 @@ def distilled_run(run_dir: Path, teacher: Path, corpus: Path, experiment: str) -
 
 @pytest.fixture(scope="module")
 def demo_like_runs(tmp_path_factory, tiny_teacher) -> tuple[Path, Path]:
+    """As the demo: two distilled runs, a BiLSTM run; labels alone (finetune) and task distillation of the main run's
+    student and of the BiLSTM from the main run's fine-tuned teacher; the teacher, the student and the BiLSTM timed."""
     root = tmp_path_factory.mktemp("pipeline")
     corpus = write_corpus(root / "corpus.txt")
-    main, baseline = root / "triple_loss", root / "random_init"
+    main, baseline, lstm = root / "triple_loss", root / "random_init", root / "bilstm"
     distilled_run(main, tiny_teacher, corpus, "triple_loss")
     distilled_run(baseline, tiny_teacher, corpus, "random_init")
+    distil("init-student", f"run_dir={lstm}", f"teacher.name_or_path={tiny_teacher}", "student=bilstm",
+           "student.embedding_size=16", "student.hidden_size=8", "student.classifier_size=8")
     distil("finetune", f"run_dir={main}", "finetune.models=[student,teacher]", *FINETUNE_SMOKE)
-    distil("finetune", f"run_dir={baseline}", *FINETUNE_SMOKE)
-    for run_dir in (main, baseline):
+    for run_dir in (baseline, lstm):
+        distil("finetune", f"run_dir={run_dir}", *FINETUNE_SMOKE)
+    distil("task-distill", f"run_dir={main}", *TASK_DISTILL_SMOKE)
+    teacher = main / "finetune" / "teacher" / "rte" / "seed-56" / "model"
+    distil("task-distill", f"run_dir={lstm}", *TASK_DISTILL_SMOKE, f"task_distill.teacher={teacher}",
+           f"task_distill.transfer_set={main / 'task-distill' / 'transfer'}")
+    for run_dir in (main, baseline, lstm):
         distil("evaluate", f"run_dir={run_dir}", "task.names=[rte]", f"task.data_dir={GLUE_DIR}")
     distil("bench-cpu", f"run_dir={main}", "task.names=[rte]", f"task.data_dir={GLUE_DIR}", "bench.backends=[eager]",
-           "bench.max_examples=8", "bench.warmup_batches=1", "bench.repeats=1", "bench.check_examples=4")
-    distil("report", str(main), f"report.baselines=[{baseline}]", "report.teacher_note=a tiny random BERT")
+           "bench.max_examples=8", "bench.warmup_batches=1", "bench.repeats=1", "bench.check_examples=4",
+           f"bench.models=[teacher,student,{lstm / 'init-student' / 'model'}]")
+    distil("report", str(main), f"report.baselines=[{baseline},{lstm}]", "report.teacher_note=a tiny random BERT")
     return main, baseline
 
 
@@ -66,7 +79,7 @@ def test_report_compares_the_run_with_its_baseline(demo_like_runs):
     assert "| teacher |" in report and "a tiny random BERT" in report
     assert "triple_loss vs random_init: validation MLM loss" in report
     assert "95% paired-bootstrap interval" in report and "over 32 dev examples" in report  # RTE dev, capped at 32
-    (comparison,) = read_manifest(main / "report")["downstream_comparisons"]
+    comparison, _ = read_manifest(main / "report")["downstream_comparisons"]  # vs random_init, vs bilstm
     assert comparison["resamples"] == 300 and comparison["low"] <= comparison["difference"] <= comparison["high"]
     assert "![loss curves](loss_curves.png)" in report and (main / "report" / "loss_curves.png").stat().st_size > 0
     assert "student (ours)" in report and "teacher (ours)" in report  # evaluate's Table 1, embedded
@@ -76,7 +89,30 @@ def test_report_compares_the_run_with_its_baseline(demo_like_runs):
         assert f"| {row['model']} | {row['backend']} | {row['batch_size']} | {measured} |" in report
     assert "(bench-cpu-latency.png)" in report
     assert (main / "report" / "bench-cpu-latency.png").exists()
-    assert read_manifest(main / "report")["baselines"] == [str(baseline)]
+    assert read_manifest(main / "report")["baselines"] == [str(baseline), str(baseline.parent / "bilstm")]
+
+
+def test_report_compares_task_distillation_with_labels_alone_and_places_every_model_by_speed(demo_like_runs):
+    main, _ = demo_like_runs
+    report = (main / "report" / "report.md").read_text()
+    manifest = read_manifest(main / "report")
+    assert [entry["run"] for entry in manifest["task_distillation"]] == ["triple_loss", "bilstm"]
+    for entry in manifest["task_distillation"]:
+        comparison = entry["comparison"]
+        assert comparison["difference"] == pytest.approx(entry["distilled"] - entry["labels"])
+        assert comparison["low"] <= comparison["difference"] <= comparison["high"]
+    assert "## Task-specific distillation" in report and "| bilstm | BiLSTMModel" in report
+    assert "- triple_loss: task-distilled" in report
+    assert "Task-distilled students against the same students on labels alone: " in report
+    assert "augment=tang, N=1; mse 1, T 1" in report
+    names = {point["name"]: point for point in manifest["accuracy_latency"]}
+    assert set(names) == {"teacher", "triple_loss (labels)", "triple_loss (task-distilled)", "random_init (labels)",
+                          "bilstm (labels)", "bilstm (task-distilled)"}
+    assert names["random_init (labels)"]["timed_as"] == "student"  # the same shape as the main run's student
+    assert names["bilstm (labels)"]["timed_as"] == "model"  # bench-cpu's name of init-student/model
+    assert "![accuracy vs latency](accuracy_latency.png)" in report and "| yes |" in report
+    assert (main / "report" / "accuracy_latency.png").stat().st_size > 0
+    assert "The teacher predicts" in report and "of masked tokens drawn uniformly" in report
 
 
 def test_report_refuses_a_run_without_a_distill_stage(tmp_path):

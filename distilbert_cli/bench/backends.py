@@ -40,12 +40,13 @@ def directory_size(path: Path) -> int:
 
 
 def load_regressor(source: str, trust_remote_code: bool, role: str):
-    """The encoder with a fresh 1-output regression head (as fine-tuned for STS-B), fp32, SDPA attention."""
+    """The encoder with a fresh 1-output regression head (as fine-tuned for STS-B; a checkpoint fine-tuned on
+    another task loses its head), fp32, SDPA attention."""
     from transformers import AutoModelForSequenceClassification
 
     return load_model(AutoModelForSequenceClassification, source, trust_remote_code=trust_remote_code, role=role,
                       num_labels=1, problem_type="regression", attn_implementation="sdpa",
-                      dtype=torch.float32).eval()
+                      dtype=torch.float32, ignore_mismatched_sizes=True).eval()
 
 
 def save_deployable(choice: ModelChoice, tokenizer, cfg: DictConfig, out_dir: Path) -> tuple[dict, tuple[str, ...]]:

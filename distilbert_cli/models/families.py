@@ -227,9 +227,12 @@ def family_of_model(model: nn.Module, role: str = "model") -> Family:
     return family
 
 
-def max_sequence_length(config) -> int:
+def max_sequence_length(config) -> int | None:
     """The most tokens a model takes: its position table, less the rows before the first position (RoBERTa's
-    514 positions take 512 tokens). Models outside the table: their position table."""
+    514 positions take 512 tokens). Models outside the table: their position table; None for a model without
+    one (the BiLSTM takes any length)."""
+    if getattr(config, "max_position_embeddings", None) is None:
+        return None
     family = find_family(config)
     offset = config.pad_token_id + 1 if family is not None and family.positions_after_padding else 0
     return config.max_position_embeddings - offset

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+import distilbert_cli.models.bilstm  # noqa: F401  (registers the BiLSTM with transformers' Auto classes)
 from distilbert_cli.errors import UsageError, first_line, unreadable
 from distilbert_cli.models.families import find_family
 

@@ -1,5 +1,5 @@
-"""Model lists of finetune and bench-cpu: `student` and `teacher` mean the run's own models, anything else is a
-local directory or a hub name."""
+"""Model lists of finetune, task-distill and bench-cpu: `student` and `teacher` mean the run's own models, anything
+else is a local directory or a hub name."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from pathlib import Path
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models.loading import check_name_or_path
-from distilbert_cli.rundir import require_complete
+from distilbert_cli.rundir import read_manifest, require_complete
 
-# The run's own models, by the stage each comes from.
-RUN_MODELS = {"student": artifacts.DISTILL, "teacher": artifacts.INIT_STUDENT}
+# The run's own models.
+RUN_MODELS = ("student", "teacher")
+# The student kind that distil train does not distill (it has no MLM head): the run's student is init-student's.
+TASK_ONLY_STUDENTS = ("bilstm",)
 
 
 @dataclass(frozen=True)
@@ -21,22 +23,29 @@ class ModelChoice:
     name: str  # folder and display name
     source: str  # local directory or hub name
     role: str  # student, teacher or other
+    stage: str | None = None  # the stage of the run this model comes from (None for an outside model)
 
-    @property
-    def stage(self) -> str | None:
-        """The stage of the run this model comes from (None for an outside model)."""
-        return RUN_MODELS.get(self.role)
+
+def run_student(run_dir: str | Path) -> ModelChoice:
+    """The run's student: <run_dir>/distill/final, or init-student's model for a student that distil train does not
+    distill (a BiLSTM: task-distill distills it per task)."""
+    init_dir = artifacts.complete_stage(Path(run_dir), artifacts.INIT_STUDENT)
+    if init_dir is not None and read_manifest(init_dir).get("student_arch") in TASK_ONLY_STUDENTS:
+        return ModelChoice("student", str(artifacts.InitStudentOutputs(init_dir).model), "student",
+                           artifacts.INIT_STUDENT)
+    final = artifacts.DistillOutputs(require_complete(run_dir, artifacts.DISTILL)).final
+    return ModelChoice("student", str(final), "student", artifacts.DISTILL)
 
 
 def resolve_models(run_dir: str | Path, entries: Sequence[str], setting: str) -> list[ModelChoice]:
-    """Model list entries: `student` = <run_dir>/distill/final, `teacher` = the run's teacher, or any path/hub name."""
+    """Model list entries: `student` = the run's student (see run_student), `teacher` = the run's teacher, or any
+    path/hub name."""
     choices = []
     for entry in map(str, entries):
         if entry == "student":
-            final = artifacts.DistillOutputs(require_complete(run_dir, artifacts.DISTILL)).final
-            choices.append(ModelChoice(entry, str(final), entry))
+            choices.append(run_student(run_dir))
         elif entry == "teacher":
-            choices.append(ModelChoice(entry, artifacts.recorded_teacher(run_dir), entry))
+            choices.append(ModelChoice(entry, artifacts.recorded_teacher(run_dir), entry, artifacts.INIT_STUDENT))
         else:
             check_name_or_path(entry, "model")
             name = Path(entry).name

@@ -54,7 +54,7 @@ def resolve_models(cfg: DictConfig) -> list[ModelChoice]:
     choices = resolve_run_models(cfg.run_dir, cfg.bench.models, "bench.models")
     for choice in choices:
         config = load_config(choice.source, cfg.trust_remote_code, role=f"model {choice.name}")
-        if cfg.bench.max_seq_length > (longest := max_sequence_length(config)):
+        if (longest := max_sequence_length(config)) is not None and cfg.bench.max_seq_length > longest:
             raise UsageError(f"bench.max_seq_length={cfg.bench.max_seq_length} exceeds the {longest} tokens model "
                              f"{choice.name} takes")
     return choices

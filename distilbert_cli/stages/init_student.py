@@ -6,12 +6,14 @@
     distil init-student teacher.name_or_path=microsoft/deberta-v3-base     # any family in models/families.py
     distil init-student init.strategy=random                               # the paper's ablation
     distil init-student +experiment=mobilebert                             # a MobileBERT as deep as the teacher
+    distil init-student student=bilstm                                     # Tang et al.'s BiLSTM (task-distill)
 
 Defaults: half the teacher's layers (`student.num_layers: null`), DistilBERT classes for a BERT teacher and the
 teacher's own class for every other family (`student.arch: auto`).
 
 Writes `<run_dir>/init-student/model/` (safetensors weights, config, tokenizer), loadable with
-`AutoModelForMaskedLM.from_pretrained`, and records in the stage manifest the teacher, whether it has an
+`AutoModelForMaskedLM.from_pretrained` (a BiLSTM with `AutoModel`, its embeddings the teacher's input embeddings
+projected down by PCA, or random with init=random), and records in the stage manifest the teacher, whether it has an
 MLM head, the layer map, the copy choices and the parameter counts of teacher and student
 (`artifacts.InitStudentFacts`).
 """
@@ -55,6 +57,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     """Build the student from `cfg.teacher` into `<run_dir>/init-student/model/`; returns that directory."""
     from transformers import AutoModelForMaskedLM
 
+    if cfg.student.arch == "bilstm":
+        return bilstm_student(cfg, overrides)
     teacher_name, trust = cfg.teacher.name_or_path, cfg.trust_remote_code
     teacher_config = load_config(teacher_name, trust, role="teacher")
     family = family_of(teacher_config, role=f"teacher {teacher_name!r}", among=TEACHER_FAMILIES)
@@ -110,5 +114,46 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
             teacher=teacher_reference(teacher_name), teacher_has_mlm_head=teacher_has_mlm_head, layer_map=layer_map,
             strategy=cfg.init.strategy, student_arch=arch, student_class=type(student).__name__,
             fold_token_type_embeddings=folded, copied_mlm_head_transform=copied_transform,
+            param_counts=param_counts).as_manifest())
+    return model_dir
+
+
+def bilstm_student(cfg: DictConfig, overrides: Sequence[str]) -> Path:
+    """student=bilstm: Tang et al.'s BiLSTM encoder over the teacher tokenizer's ids, its embeddings the teacher's input
+    embeddings projected onto their `student.embedding_size` principal components (init=random: random ones)."""
+    from distilbert_cli.models.bilstm import BiLSTMModel, bilstm_config, projected_embeddings
+
+    teacher_name, trust = cfg.teacher.name_or_path, cfg.trust_remote_code
+    if cfg.init.strategy not in ("every_other", "random"):
+        raise UsageError(f"init.strategy={cfg.init.strategy}: a BiLSTM student has no teacher layers to choose; it "
+                         "takes the teacher's input embeddings (projected down), or none with init=random")
+    load_config(teacher_name, trust, role="teacher")
+    tokenizer = load_tokenizer(teacher_name, trust, role="teacher tokenizer")
+    with open_stage(cfg, artifacts.INIT_STUDENT, overrides) as stage:
+        stage.use_model(teacher_name, "teacher")
+        teacher, teacher_has_mlm_head = load_masked_lm(teacher_name, trust, role="teacher")
+        embeddings = teacher.get_input_embeddings().weight.detach()
+        copies_teacher = cfg.init.strategy != "random"
+        if copies_teacher and cfg.student.embedding_size > embeddings.size(1):
+            raise UsageError(f"student.embedding_size={cfg.student.embedding_size} exceeds the teacher's "
+                             f"{embeddings.size(1)}-wide input embeddings it is projected from (or use init=random)")
+        torch.manual_seed(cfg.seed)
+        student = BiLSTMModel(bilstm_config(tokenizer, embeddings.size(0), cfg.student))
+        if copies_teacher:
+            with torch.no_grad():
+                student.embeddings.weight.copy_(projected_embeddings(embeddings, cfg.student.embedding_size))
+        param_counts = {"teacher": count_parameters(teacher), "student": count_parameters(student)}
+        log.info("BiLSTM student (%d-wide embeddings%s, %d hidden per direction): %.1fM parameters vs %.1fM for the "
+                 "teacher", cfg.student.embedding_size, ", the teacher's projected by PCA" if copies_teacher else
+                 ", random", cfg.student.hidden_size, param_counts["student"] / 1e6, param_counts["teacher"] / 1e6)
+        model_dir = artifacts.InitStudentOutputs(stage.path).model
+        student.save_pretrained(model_dir)
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]  # no token types: see models/bilstm.py
+        tokenizer.init_kwargs["model_input_names"] = list(tokenizer.model_input_names)
+        tokenizer.save_pretrained(model_dir)
+        stage.update(**artifacts.InitStudentFacts(
+            teacher=teacher_reference(teacher_name), teacher_has_mlm_head=teacher_has_mlm_head, layer_map=[],
+            strategy=cfg.init.strategy, student_arch="bilstm", student_class=type(student).__name__,
+            fold_token_type_embeddings=False, copied_mlm_head_transform=False,
             param_counts=param_counts).as_manifest())
     return model_dir

@@ -1,12 +1,13 @@
 """`distil report`: the paper's Tables 1, 3 and 4 for one run, beside its baselines and the published figures.
 
     distil report runs/exp1
-    distil report run_dir=runs/demo/triple_loss 'report.baselines=[runs/demo/mlm_only,runs/demo/random_init]'
+    distil report run_dir=runs/demo/triple_loss 'report.baselines=[runs/demo/mlm_only,runs/demo/bilstm]'
 
-Reads the complete stages of `run_dir` (init-student, distill, evaluate, bench-cpu; each one that is
-missing is left out of the report and said so) and of each baseline run, and writes
-`<run_dir>/report/report.md` with the PNG loss curves it embeds. Whether the student's downstream score beats a
-baseline's is judged with a paired bootstrap over the dev examples of finetune's saved predictions.
+Reads the complete stages of `run_dir` (init-student, distill, finetune, task-distill, evaluate, bench-cpu; each
+one that is missing is left out of the report and said so) and of each baseline run, and writes
+`<run_dir>/report/report.md` with the PNG charts it embeds (loss curves, accuracy vs CPU latency). Whether the
+student's downstream score beats a baseline's, and whether a task-distilled student beats the same student
+fine-tuned on labels alone, is judged with a paired bootstrap over the dev examples of the saved predictions.
 """
 
 from __future__ import annotations
@@ -19,7 +20,18 @@ from omegaconf import DictConfig
 
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
-from distilbert_cli.reporting import downstream_comparison, plot_losses, render, run_summary, verdict
+from distilbert_cli.reporting import (
+    accuracy_latency,
+    accuracy_latency_lines,
+    downstream_comparison,
+    plot_accuracy_latency,
+    plot_losses,
+    render,
+    run_summary,
+    task_distillation,
+    task_distillation_lines,
+    verdict,
+)
 from distilbert_cli.rundir import open_stage
 
 log = logging.getLogger(__name__)
@@ -41,10 +53,17 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
         comparisons = [downstream_comparison(main, baseline, resamples, cfg.seed) if resamples else None
                        for baseline in baselines]
         verdict_lines = verdict(main, baselines, comparisons)
+        task_distilled = task_distillation([main, *baselines], resamples, cfg.seed)
+        points = accuracy_latency(main, [main, *baselines], task_distilled)
+        if points:
+            plot_accuracy_latency(points, stage.path / "accuracy_latency.png")
         report = stage.path / "report.md"
         report.write_text(render(main, baselines, verdict_lines, run_dir, stage.path, cfg.report.teacher_note,
-                                 has_curves))
+                                 has_curves, task_distillation_lines(task_distilled), accuracy_latency_lines(points)))
         stage.update(baselines=[str(p) for p in baseline_dirs], verdict=verdict_lines,
-                     downstream_comparisons=comparisons)
+                     downstream_comparisons=comparisons, accuracy_latency=points,
+                     task_distillation=[{"run": entry["run"]["name"], "labels": entry["labels"],
+                                         "distilled": entry["distilled"], "comparison": entry["comparison"]}
+                                        for entry in task_distilled])
         log.info("report written: %s", report)
     return report

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 
 from omegaconf import DictConfig
 
@@ -34,6 +35,27 @@ from distilbert_cli.training.mlm_eval import evaluate_mlm, validation_batches
 log = logging.getLogger(__name__)
 
 
+def validate(student, teacher, distillation: setup.Distillation, cfg: DictConfig, accelerator) -> dict:
+    """Held-out MLM loss and accuracy of the student and the teacher (None: no teacher with a head) on the same
+    fixed masks, whatever masks the run trained on: targets drawn with probability ~ count^-validation.
+    smoothing_exponent (the reference's smoothing: frequent tokens masked less), and, under "uniform", drawn
+    uniformly over the real tokens (the smoothed masks pick rare tokens and are far harder)."""
+    smoothed = distillation.validation_spec
+    uniform = replace(smoothed, token_weights=(smoothed.token_weights > 0).float())  # specials stay unmasked
+    scores: dict = {"smoothing_exponent": cfg.validation.smoothing_exponent}
+    for name, model in (("student", student), ("teacher", teacher)):
+        if model is None:
+            scores[name] = None
+            continue
+        scores[name] = {}
+        for masks, masking in (("smoothed", smoothed), ("uniform", uniform)):
+            batches = validation_batches(distillation.validation, masking, cfg.validation.max_sequences,
+                                         cfg.validation.batch_size, cfg.validation.seed)
+            found = evaluate_mlm(model, batches, accelerator.device, accelerator.autocast)
+            scores[name].update(found if masks == "smoothed" else {"uniform": found})
+    return scores
+
+
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -44,8 +66,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         require_complete(cfg.run_dir, stage_name)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
-    # DDP must not wait for gradients of a head that no loss uses, or of layers a progressive stage freezes.
-    unused_parameters = not plan.student_logits or cfg.train.progressive_transfer > 0
+    # DDP must not wait for gradients of a head that no loss uses, or of parameters a stage freezes.
+    unused_parameters = not plan.student_logits or cfg.train.progressive_transfer > 0 or cfg.train.head_only_steps > 0
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=accumulation,
                               step_scheduler_with_optimizer=False,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)])
@@ -74,14 +96,9 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
                 shutil.rmtree(out.final)
             os.replace(tmp, out.final)
             log.info("distilled student: %s", out.final)
-            batches = validation_batches(distillation.validation, distillation.spec, cfg.validation.max_sequences,
-                                         cfg.validation.batch_size, cfg.validation.seed)
             teacher = distillation.teacher.model if distillation.teacher is not None else None
-            validation = {
-                "student": evaluate_mlm(student, batches, accelerator.device, accelerator.autocast),
-                "teacher": (evaluate_mlm(teacher, batches, accelerator.device, accelerator.autocast)
-                            if teacher is not None and distillation.teacher_has_mlm_head else None),
-            }
+            validation = validate(student, teacher if distillation.teacher_has_mlm_head else None, distillation, cfg,
+                                  accelerator)
             write_json_atomic(out.validation, validation)
             log.info("validation: %s", validation)
             if not math.isfinite(validation["student"]["mlm_loss"]):

@@ -147,6 +147,37 @@ def check_length(model, length: int, setting: str, role: str) -> None:
         raise UsageError(f"{setting}={length} exceeds the {positions} positions of {role}")
 
 
+def training_schedule(parameters, settings, steps: int):
+    """AdamW (fused: one kernel per step, several times faster than the per-tensor loop on a CPU) and a linear
+    warmup then decay over `steps`, from a settings section with learning_rate, weight_decay and warmup_ratio.
+    Returns (optimizer, scheduler, steps)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay,
+                                  fused=True)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps), steps
+
+
+def finish_run(task: Task, model, tokenizer, dev: dict, settings, batch_size: int, accelerator, out: FinetuneRun,
+               save_model: bool, summary: dict) -> dict[str, float]:
+    """After training: predict and score the dev splits (predictions into `out`), save the model and its tokenizer
+    (`save_model`), write metrics.json (`summary` with the metrics, the score and the evaluation time); return the
+    metrics."""
+    started = time.perf_counter()
+    metrics = evaluate(task, model, tokenizer, dev, settings, batch_size, accelerator, out)
+    eval_seconds = time.perf_counter() - started
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if save_model:
+            accelerator.unwrap_model(model).save_pretrained(out.model)
+            tokenizer.save_pretrained(out.model)
+        summary = {**summary, "metrics": metrics, "score": task.score(metrics), "eval_seconds": round(eval_seconds, 2)}
+        out.metrics.write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("%s %s seed %d: %s (eval %.1fs)", summary["model"], task.name, summary["seed"],
+             ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), eval_seconds)
+    return metrics
+
+
 def encode_splits(task: Task, data: TaskData, splits, tokenizer, settings, with_types: bool) -> dict:
     """{split: (examples, evaluation features)} of `splits`."""
     return {split: (data.splits[split], task.encode(data.splits[split], tokenizer, settings, with_types,
@@ -161,7 +192,6 @@ def finetune_one(ft: DictConfig, settings: DictConfig, task: Task, data: TaskDat
     return the fine-tuned model and its metrics. `soft_teacher` (a model, a path or None) gives the "(D)" soft
     targets."""
     from accelerate.utils import set_seed
-    from transformers import get_linear_schedule_with_warmup
 
     soft = ft.soft_targets
     set_seed(seed)
@@ -180,11 +210,9 @@ def finetune_one(ft: DictConfig, settings: DictConfig, task: Task, data: TaskDat
                         with_types)
     per_process_batch = ft.batch_size // accelerator.num_processes
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=ft.learning_rate, weight_decay=ft.weight_decay)
     loader = make_loader(train, tokenizer, per_process_batch, shuffle=True, seed=seed)
     # Accelerate steps a prepared scheduler once per process per update: count in unsharded batches.
-    schedule_steps = epochs * len(loader)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(ft.warmup_ratio * schedule_steps), schedule_steps)
+    optimizer, scheduler, _ = training_schedule(model.parameters(), ft, epochs * len(loader))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     if soft_teacher is not None:
         soft_teacher = accelerator.prepare_model(soft_teacher, evaluation_mode=True)
@@ -216,25 +244,14 @@ def finetune_one(ft: DictConfig, settings: DictConfig, task: Task, data: TaskDat
             progress.set_postfix(loss=f"{loss.item():.4f}")
     progress.close()
     train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-
-    started = time.perf_counter()
-    metrics = evaluate(task, model, tokenizer, dev, settings, per_process_batch, accelerator, out)
-    eval_seconds = time.perf_counter() - started
-    accelerator.wait_for_everyone()
+    log.info("%s %s seed %d: trained in %.1fs", name, task.name, seed, train_seconds)
+    metrics = finish_run(task, model, tokenizer, dev, settings, per_process_batch, accelerator, out, ft.save_models, {
+        "model": name, "source": source, "task": task.name, "seed": seed, "epochs": epochs,
+        "steps": len(loader) * epochs,
+        "train_examples": len(data.splits["train"]), "train_features": len(train),
+        "dev_examples": {split: len(examples) for split, (examples, _) in dev.items()},
+        "soft_targets": soft_teacher is not None, "train_seconds": round(train_seconds, 2),
+        "train_cpu_seconds": round(train_cpu_seconds, 2)})
     unwrapped = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        if ft.save_models:
-            unwrapped.save_pretrained(out.model)
-            tokenizer.save_pretrained(out.model)
-        summary = {"model": name, "source": source, "task": task.name, "seed": seed,
-                   "metrics": metrics, "score": task.score(metrics), "epochs": epochs,
-                   "train_examples": len(data.splits["train"]), "train_features": len(train),
-                   "dev_examples": {split: len(examples) for split, (examples, _) in dev.items()},
-                   "soft_targets": soft_teacher is not None, "train_seconds": round(train_seconds, 2),
-                   "train_cpu_seconds": round(train_cpu_seconds, 2),
-                   "eval_seconds": round(eval_seconds, 2)}
-        out.metrics.write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("%s %s seed %d: %s (train %.1fs, eval %.1fs)", name, task.name, seed,
-             ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), train_seconds, eval_seconds)
     accelerator.free_memory()  # drop Accelerate's references to this run's optimizer, loaders and model
     return unwrapped.eval(), metrics

@@ -129,22 +129,26 @@ def by_table(tasks: Sequence[Task]) -> dict[str, list[Task]]:
     return tables
 
 
+def runs_score(runs: list[dict], draws: dict | None = None) -> float:
+    """The score of one model's `finetuned_runs` as the results table scores them (median over seeds, mean over
+    tasks), on the dev examples `draws` picks ({(task, split): example indices}; None: all of them)."""
+    records = []
+    for run in runs:
+        task = run["task"]
+        picked = {split: (predictions, labels) if draws is None else (predictions[draws[task.name, split]],
+                                                                      labels[draws[task.name, split]])
+                  for split, (predictions, labels) in run["by_split"].items()}
+        records.append({"model": "", "task": task.name, "seed": run["seed"],
+                        "metrics": split_metrics(task, picked, run["where"])})
+    return summarize(records)[""]["score"]
+
+
 def paired_bootstrap(ours: list[dict], theirs: list[dict], resamples: int, seed: int) -> dict | None:
     """How sure is score(ours) - score(theirs)? Both lists are `finetuned_runs` of one model each, scored as the
-    table scores them (median over seeds, mean over tasks). The dev examples are resampled with replacement,
-    the same draws for both models (a paired bootstrap), `resamples` times; returns the observed difference and
-    its 95% percentile interval, or None when the two were not evaluated on the same dev examples (or no
-    resample could be scored)."""
-    def score(runs, draws):
-        records = []
-        for run in runs:
-            task = run["task"]
-            resampled = {split: (predictions[draws[task.name, split]], labels[draws[task.name, split]])
-                         for split, (predictions, labels) in run["by_split"].items()}
-            records.append({"model": "", "task": task.name, "seed": run["seed"],
-                            "metrics": split_metrics(task, resampled, run["where"])})
-        return summarize(records)[""]["score"]
-
+    table scores them (`runs_score`). The dev examples are resampled with replacement, the same draws for both
+    models (a paired bootstrap), `resamples` times; returns the observed difference and its 95% percentile
+    interval, or None when the two were not evaluated on the same dev examples (or no resample could be
+    scored)."""
     if not ours or {run["task"].name for run in ours} != {run["task"].name for run in theirs}:
         return None
     gold = {}
@@ -152,15 +156,14 @@ def paired_bootstrap(ours: list[dict], theirs: list[dict], resamples: int, seed:
         for split, (_, labels) in run["by_split"].items():
             if not np.array_equal(gold.setdefault((run["task"].name, split), labels), labels):
                 return None
-    identity = {key: np.arange(len(values)) for key, values in gold.items()}
     rng = np.random.default_rng(seed)
     differences = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant predictions make Pearson undefined: such resamples are dropped
-        observed = score(ours, identity) - score(theirs, identity)
+        observed = runs_score(ours) - runs_score(theirs)
         for _ in tqdm(range(resamples), desc="paired bootstrap", leave=False):
             draws = {key: rng.integers(0, len(values), len(values)) for key, values in gold.items()}
-            differences.append(score(ours, draws) - score(theirs, draws))
+            differences.append(runs_score(ours, draws) - runs_score(theirs, draws))
     differences = np.asarray(differences)
     differences = differences[np.isfinite(differences)]
     if not differences.size or not np.isfinite(observed):

@@ -3,6 +3,7 @@ computing only the outputs the loss plan needs, then the loss terms."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
@@ -30,20 +31,22 @@ class MaskedLMRows(nn.Module):
         self.model = model
         self.projections = projections if projections is not None else nn.ModuleDict()
         self.head = mlm_head(model)
+        self.takes_token_types = "token_type_ids" in inspect.signature(model.base_model.forward).parameters
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logit_rows: torch.Tensor | None = None,
                 embeddings: bool = False, hidden_layers: Sequence[int] = (), attention_layers: Sequence[int] = (),
-                projections: Sequence[str] = ()) -> dict:
+                projections: Sequence[str] = (), token_type_ids: torch.Tensor | None = None) -> dict:
         """Outputs for the loss terms: "last_hidden" always; "logits" at `logit_rows`; the "embeddings" output
         and the outputs of `hidden_layers` (projected to the teacher's width where a projection is set); the
         "query" / "key" / "value" projections (any of `projections`) of `attention_layers`, with the model's
-        attention "heads"."""
+        attention "heads". `token_type_ids` (sentence pairs) reach a model that takes them."""
         captured = {kind: [None] * len(attention_layers) for kind in projections}
         hooks = [attention_projection(self.model, layer, kind).register_forward_hook(_store(captured[kind], i))
                  for i, layer in enumerate(attention_layers) for kind in projections]
+        types = {"token_type_ids": token_type_ids} if token_type_ids is not None and self.takes_token_types else {}
         try:
             outputs = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                            output_hidden_states=embeddings or bool(hidden_layers))
+                                            output_hidden_states=embeddings or bool(hidden_layers), **types)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -84,11 +87,13 @@ def layer_pairs(student_layers: int, teacher_layers: int, layer_map: Sequence[in
 def distillation_losses(student: nn.Module, teacher: nn.Module | None, batch: dict, plan: LossPlan,
                         pairs: Sequence[tuple[int, int]], autocast: Callable[[], AbstractContextManager]) -> dict:
     """Forward the teacher (frozen, no grad) and the student on one micro batch; return the loss terms."""
-    logit_rows = batch["target_rows"] if plan.logits_at_targets_only else batch["token_rows"]
+    logit_rows = None
+    if plan.student_logits or plan.teacher_logits:
+        logit_rows = batch["target_rows"] if plan.logits_at_targets_only else batch["token_rows"]
     layers = [s for s, _ in pairs], [t for _, t in pairs]
     requests = [{"embeddings": plan.embeddings, "hidden_layers": side if plan.hidden_states else [],
-                 "attention_layers": side if plan.projections else [], "projections": plan.projections}
-                for side in layers]
+                 "attention_layers": side if plan.projections else [], "projections": plan.projections,
+                 "token_type_ids": batch.get("token_type_ids")} for side in layers]
     teacher_outputs = None
     if teacher is not None:
         with torch.no_grad(), autocast():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,13 @@ from distilbert_cli.training.checkpoint import (
 )
 from distilbert_cli.training.distiller import MaskedLMRows, layer_pairs
 from distilbert_cli.training.losses import LossPlan
-from distilbert_cli.training.masking import DistillationBatches, MaskingSpec, StepLayout, masking_spec
+from distilbert_cli.training.masking import (
+    DistillationBatches,
+    MaskingSpec,
+    StepLayout,
+    masking_spec,
+    token_probabilities,
+)
 from distilbert_cli.training.progressive import TrainingStage, stages
 
 log = logging.getLogger(__name__)
@@ -56,7 +62,7 @@ class Distillation:
     checkpoint: Path | None
     tokenizer: object  # the student's (init-student's), saved with the final model
     validation: object  # prepare-data's validation split
-    spec: MaskingSpec
+    validation_spec: MaskingSpec  # the masking of the training batches, with validation.smoothing_exponent
 
     @property
     def accumulation(self) -> int:
@@ -191,13 +197,13 @@ def build(cfg: DictConfig, stage: Stage, accelerator, plan: LossPlan, accumulati
 
     pairs = layer_pairs(student_config.num_hidden_layers, teacher_config.num_hidden_layers, init.layer_map,
                         plan.teacher_layer) if teacher_config is not None else []
-    run_stages = stages(plan, pairs, cfg.train.progressive_transfer, steps)
+    run_stages = stages(plan, pairs, cfg.train.progressive_transfer, steps, cfg.train.head_only_steps)
 
     # What must not change across a resume
     resume_state = {
         "seed": cfg.seed, "loss": OmegaConf.to_container(cfg.loss), "masking": OmegaConf.to_container(cfg.masking),
         "optim": OmegaConf.to_container(cfg.optim), "mixed_precision": cfg.train.mixed_precision,
-        "progressive_transfer": cfg.train.progressive_transfer,
+        "progressive_transfer": cfg.train.progressive_transfer, "head_only_steps": cfg.train.head_only_steps,
         "batch": {k: cfg.batch[k] for k in ("global_batch_size", "micro_batch_size", "group_window")},
         "world_size": world_size, "total_steps": steps,
         "inputs": {entry["stage"]: entry["fingerprint"] for entry in stage.inputs if "stage" in entry},
@@ -215,6 +221,8 @@ def build(cfg: DictConfig, stage: Stage, accelerator, plan: LossPlan, accumulati
                                       attn_implementation=attn_implementation,
                                       dtype=TEACHER_DTYPES[cfg.train.mixed_precision])
     spec = masking_spec(cfg.masking, data_tokenizer, token_counts, student.config.vocab_size)
+    validation_spec = replace(spec, token_weights=token_probabilities(
+        token_counts, data_tokenizer.all_special_ids, cfg.validation.smoothing_exponent))
     if teacher is not None:
         check_attention_projections(student, teacher, plan, pairs)
     # TinyBERT's W_e (embedding output) and W_h (layer outputs) to the teacher's width, dropped after training
@@ -245,7 +253,7 @@ def build(cfg: DictConfig, stage: Stage, accelerator, plan: LossPlan, accumulati
                                   accelerator.process_index, state.step, steps)
     return Distillation(layout, steps, distiller, teacher_rows, init.teacher_has_mlm_head, run_stages, optimizer,
                         scheduler, batches, state, resume_state, checkpoint, load_tokenizer(student_dir, trust),
-                        validation_split, spec)
+                        validation_split, validation_spec)
 
 
 def data_loader(run: Distillation, num_workers: int, pin_memory: bool):

@@ -257,3 +257,37 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_teacher, teacher, o
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
     assert not (run_dir / "init-student" / "manifest.json").exists()
+
+
+# ---- student=bilstm ---------------------------------------------------------------------------------
+
+BILSTM = ["student=bilstm", "student.embedding_size=16", "student.hidden_size=8", "student.classifier_size=8"]
+
+
+def test_bilstm_embeddings_are_the_teachers_projected_by_pca(tmp_path, tiny_teacher):
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    from distilbert_cli.models.bilstm import BiLSTMModel, projected_embeddings
+
+    model_dir, manifest = init_student(tmp_path / "run", tiny_teacher, *BILSTM)
+    student = AutoModel.from_pretrained(model_dir)
+    teacher = AutoModelForMaskedLM.from_pretrained(tiny_teacher)
+    assert type(student) is BiLSTMModel and student.config.vocab_size == teacher.config.vocab_size
+    assert_close(student.embeddings.weight, projected_embeddings(teacher.get_input_embeddings().weight.detach(), 16))
+    assert (manifest["student_arch"], manifest["layer_map"], manifest["strategy"]) == ("bilstm", [], "every_other")
+    assert manifest["param_counts"]["student"] == count_parameters(student)
+    assert json.loads((model_dir / "tokenizer_config.json").read_text())["model_input_names"] == [
+        "input_ids", "attention_mask"]
+    random_dir, _ = init_student(tmp_path / "random", tiny_teacher, *BILSTM, "init=random")
+    assert not torch.allclose(AutoModel.from_pretrained(random_dir).embeddings.weight, student.embeddings.weight)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["init=uniform"], "init.strategy=uniform: a BiLSTM student has no teacher layers to choose"),
+    (["student.embedding_size=64"], "student.embedding_size=64 exceeds the teacher's 32-wide input embeddings"),
+    (["student.num_layers=2"], "Key 'num_layers' is not in struct"),
+])
+def test_bilstm_settings_that_cannot_be_built_exit_2(tmp_path, tiny_teacher, overrides, message):
+    result = CliRunner().invoke(app, ["init-student", f"run_dir={tmp_path}", f"teacher.name_or_path={tiny_teacher}",
+                                      *BILSTM, *overrides])
+    assert result.exit_code == 2 and message in result.output, result.output

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from builders import build_tiny_bert, tiny_vocab, write_corpus
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from train_worker import gradients_file, recording_build, save_then_stop
 from typer.testing import CliRunner
@@ -95,16 +96,22 @@ def test_triple_loss_end_to_end_through_the_cli(run_dir):
     assert 0 < rows[0]["tokens_seen"] < rows[-1]["tokens_seen"]
     assert [p.name for p in sorted((stage / "checkpoints").iterdir())] == ["step-2", "step-4"]
     validation = json.loads((stage / "validation.json").read_text())
-    assert set(validation["student"]) == {"mlm_loss", "mlm_accuracy"} and validation["teacher"]["mlm_loss"] > 0
-    # The saved student reproduces its validation figures on the same fixed masks.
+    assert set(validation["student"]) == {"mlm_loss", "mlm_accuracy", "uniform"}
+    assert validation["teacher"]["mlm_loss"] > 0 and validation["teacher"]["uniform"]["mlm_loss"] > 0
+    # The saved student reproduces its validation figures on the same fixed masks: smoothed with
+    # validation.smoothing_exponent (whatever the training masks), and uniform over the real tokens.
     final = AutoModelForMaskedLM.from_pretrained(stage / "final")
     prepared = PreparedData(run_dir / "prepare-data")
     splits, counts = load_prepared(prepared)
     cfg = compose_config("train", TINY)
-    spec = masking_spec(cfg.masking, AutoTokenizer.from_pretrained(prepared.tokenizer), counts, final.config.vocab_size)
-    batches = validation_batches(splits["validation"], spec, cfg.validation.max_sequences, cfg.validation.batch_size,
-                                 cfg.validation.seed)
-    assert evaluate_mlm(final, batches, torch.device("cpu")) == pytest.approx(validation["student"])
+    for exponent, figures in ((0.7, validation["student"]), (0.0, validation["student"]["uniform"])):
+        masking = OmegaConf.merge(cfg.masking, {"smoothing_exponent": exponent})
+        spec = masking_spec(masking, AutoTokenizer.from_pretrained(prepared.tokenizer), counts,
+                            final.config.vocab_size)
+        batches = validation_batches(splits["validation"], spec, cfg.validation.max_sequences,
+                                     cfg.validation.batch_size, cfg.validation.seed)
+        found = evaluate_mlm(final, batches, torch.device("cpu"))
+        assert found == pytest.approx({key: figures[key] for key in ("mlm_loss", "mlm_accuracy")})
 
 
 def stop_after_checkpoint(monkeypatch, step: int) -> None:

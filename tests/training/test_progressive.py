@@ -65,3 +65,28 @@ def test_a_layer_stage_updates_that_layer_only():
     assert enter(schedule, 5, model).name == "layer 1"  # a run resumed mid-stage re-enters its stage
     enter(schedule, 9, model)  # the last stage trains everything again
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_head_only_steps_train_the_mlm_head_alone_then_everything():
+    from transformers import BertConfig, BertForMaskedLM
+
+    plan = LossPlan.from_config(loss_config(alpha_mlm=1.0))
+    schedule = stages(plan, PAIRS, 0.0, total_steps=10, head_only_steps=4)
+    assert [(s.name, s.end, s.head_only) for s in schedule] == [("MLM head only", 4, True), ("whole model", 10, False)]
+    model = BertForMaskedLM(BertConfig(vocab_size=40, num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
+                                       intermediate_size=32))
+    enter(schedule, 0, model)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("cls.") for name in trainable)  # the head; the tied decoder is frozen
+    enter(schedule, 4, model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize(("plan", "share", "head_only", "message"), [
+    (LossPlan.from_config(loss_config(alpha_mlm=1.0)), 0.5, 2, "two schedules: set one"),
+    (LossPlan.from_config(loss_config(alpha_cos=1.0)), 0.0, 2, "no term of the loss uses"),
+    (LossPlan.from_config(loss_config(alpha_mlm=1.0)), 0.0, 10, "leaves none of the 10 steps"),
+])
+def test_head_only_schedules_that_cannot_be_kept_are_refused(plan, share, head_only, message):
+    with pytest.raises(UsageError, match=message):
+        stages(plan, PAIRS, share, 10, head_only)
