@@ -94,7 +94,7 @@ def test_a_model_directory_named_student_is_not_taken_for_the_runs_student(tmp_p
         stage.update(teacher="bert-base-uncased")
     assert resolve_models(cfg.run_dir, cfg.finetune.models, "finetune.models") == [
         ModelChoice("model-student", str(tiny_models["student"]), "other"),
-        ModelChoice("teacher", "bert-base-uncased", "teacher")]
+        ModelChoice("teacher", "bert-base-uncased", "teacher", "init-student")]  # the teacher init-student recorded
 
 
 @pytest.mark.parametrize(("command", "overrides", "message"), [

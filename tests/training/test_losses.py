@@ -295,7 +295,7 @@ class RecordingModel(nn.Module):
         self.vocab, self.width, self.calls = vocab, width, []
 
     def forward(self, input_ids, attention_mask, logit_rows=None, embeddings=False, hidden_layers=(),
-                attention_layers=(), projections=()):
+                attention_layers=(), projections=(), token_type_ids=None):
         self.calls.append({"logit_rows": logit_rows, "embeddings": embeddings, "hidden_layers": list(hidden_layers),
                            "attention_layers": list(attention_layers), "projections": tuple(projections)})
         batch, length = input_ids.shape
