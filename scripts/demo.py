@@ -201,7 +201,7 @@ class Demo:
         # 5. CPU latency of teacher, student and BiLSTM, then the report.
         bilstm = (lstm_run / "init-student" / "model").resolve()
         self.distil("bench-cpu", main_run, "bench-cpu", data, "task.names=[sst2]", *BENCH,
-                    f"bench.models=[teacher,student,{bilstm}]")
+                    f"bench.models=[teacher,student,bilstm:{bilstm}]")
         baselines = ",".join(str(self.root / name) for name in ("mlm_only", "bilstm"))
         self.distil("report", main_run, "report", f"report.baselines=[{baselines}]",
                     "report.teacher_note='sentence-transformers/all-MiniLM-L6-v2 (6 layers, 384 wide) with an "

@@ -1,8 +1,10 @@
 """Model lists of finetune, task-distill and bench-cpu: `student` and `teacher` mean the run's own models, anything
-else is a local directory or a hub name."""
+else is a local directory or a hub name, optionally named: `name:path` (a directory's own name is often just
+`model` or `final`)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,8 @@ from distilbert_cli.rundir import read_manifest, require_complete
 RUN_MODELS = ("student", "teacher")
 # The student kind that distil train does not distill (it has no MLM head): the run's student is init-student's.
 TASK_ONLY_STUDENTS = ("bilstm",)
+# `name:path`: a name of two or more characters (so a Windows drive letter is not taken for one).
+NAMED_ENTRY = re.compile(r"(?P<name>[A-Za-z0-9_.-]{2,}):(?P<source>.+)")
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ def run_student(run_dir: str | Path) -> ModelChoice:
 
 def resolve_models(run_dir: str | Path, entries: Sequence[str], setting: str) -> list[ModelChoice]:
     """Model list entries: `student` = the run's student (see run_student), `teacher` = the run's teacher, or any
-    path/hub name."""
+    path/hub name, as `name:path` to choose the name it is shown and stored by."""
     choices = []
     for entry in map(str, entries):
         if entry == "student":
@@ -47,10 +51,11 @@ def resolve_models(run_dir: str | Path, entries: Sequence[str], setting: str) ->
         elif entry == "teacher":
             choices.append(ModelChoice(entry, artifacts.recorded_teacher(run_dir), entry, artifacts.INIT_STUDENT))
         else:
-            check_name_or_path(entry, "model")
-            name = Path(entry).name
+            named = NAMED_ENTRY.fullmatch(entry) if not Path(entry).exists() else None
+            name, source = (named["name"], named["source"]) if named else (Path(entry).name, entry)
+            check_name_or_path(source, "model")
             # Folders named "student" or "teacher" elsewhere must not pass for this run's models.
-            choices.append(ModelChoice(f"model-{name}" if name in RUN_MODELS else name, entry, "other"))
+            choices.append(ModelChoice(f"model-{name}" if name in RUN_MODELS else name, source, "other"))
     names = [choice.name for choice in choices]
     if not choices or len(set(names)) != len(names):
         raise UsageError(f"{setting} must name each model once (names {names}); e.g. {setting}=[student,teacher]")

@@ -97,6 +97,15 @@ def test_a_model_directory_named_student_is_not_taken_for_the_runs_student(tmp_p
         ModelChoice("teacher", "bert-base-uncased", "teacher", "init-student")]  # the teacher init-student recorded
 
 
+def test_a_model_entry_can_be_named(tmp_path, tiny_models):
+    odd = tmp_path / "a:b"  # an existing path with a colon stays a path
+    odd.mkdir()
+    assert resolve_models(tmp_path, [f"lstm:{tiny_models['student']}", str(odd), f"student:{tiny_models['teacher']}"],
+                          "bench.models") == [
+        ModelChoice("lstm", str(tiny_models["student"]), "other"), ModelChoice("a:b", str(odd), "other"),
+        ModelChoice("model-student", str(tiny_models["teacher"]), "other")]  # never taken for the run's own
+
+
 @pytest.mark.parametrize(("command", "overrides", "message"), [
     ("finetune", ["task.names=[rte]"], "input stage distill not found"),
     ("finetune", ["task.names=[rte]", "finetune.models=[teacher]"], "input stage init-student not found"),
