@@ -28,12 +28,25 @@ def wait_for_everyone() -> None:
     distributed_state().wait_for_everyone()
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted, not the stream of the moment the handler was
+    made: that stream may since have been replaced and closed (pytest's capture, a wrapped console)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_console_logging(level: int = logging.INFO) -> None:
     """Console logging for the package; other ranks only report warnings and errors."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(level if is_main_process() else logging.WARNING)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         logger.addHandler(handler)
     logger.propagate = False
