@@ -52,10 +52,13 @@ def _mb(size_bytes: int) -> str:
 
 def summary_lines(results: dict) -> list[str]:
     """The headline figures, one sentence each (logged, and listed under Table 3)."""
-    published_ratio = results["published"]["full_pass_ratio"]
     lines = [f"Median latency ratio {ratio['reference']}/{ratio['model']} ({ratio['backend']}, batch "
-             f"{ratio['batch_size']}): {ratio['median_latency_ratio']:.2f} (published full-pass ratio "
-             f"BERT-base/DistilBERT: {published_ratio:.2f})" for ratio in results["summary"]["latency_ratios"]]
+             f"{ratio['batch_size']}): {ratio['median_latency_ratio']:.2f}"
+             for ratio in results["summary"]["latency_ratios"]]
+    # Stated once, not beside every ratio: it compares a 12-layer BERT with its 6-layer DistilBERT, which says
+    # nothing about, say, a BiLSTM student.
+    lines.append(f"Published full-pass ratio BERT-base/DistilBERT (12 vs 6 layers, {results['published']['source']}): "
+                 f"{results['published']['full_pass_ratio']:.2f}")
     lines += [f"Fastest backend for {best['model']} (batch {best['batch_size']}): {best['backend']}, "
               f"{best['median_ms']:.2f} ms median, {best['speedup_over_eager']:.2f}x eager fp32"
               for best in results["summary"]["best_backends"]]
