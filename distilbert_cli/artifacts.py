@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from distilbert_cli.errors import unreadable
-from distilbert_cli.rundir import MANIFEST, read_manifest, require_complete
+from distilbert_cli.rundir import MANIFEST, Run
 
 log = logging.getLogger(__name__)
 
@@ -222,27 +222,21 @@ def read_jsonl(path: Path, drop_torn_tail: bool = False) -> list[dict]:
     return records
 
 
-def init_student_facts(run_dir: str | Path) -> InitStudentFacts:
+def init_student_facts(run: Run) -> InitStudentFacts:
     """The facts of the run's complete init-student stage."""
     names = [field.name for field in fields(InitStudentFacts)]
-    manifest = _init_student_manifest(run_dir, names)
+    manifest = _init_student_manifest(run, names)
     return InitStudentFacts(**{name: manifest[name] for name in names})
 
 
-def recorded_teacher(run_dir: str | Path) -> str:
+def recorded_teacher(run: Run) -> str:
     """The teacher (hub name or local path) that the run's complete init-student stage was built from."""
-    return _init_student_manifest(run_dir, ["teacher"])["teacher"]
+    return _init_student_manifest(run, ["teacher"])["teacher"]
 
 
-def _init_student_manifest(run_dir: str | Path, needed: list[str]) -> dict:
-    stage_dir = require_complete(run_dir, INIT_STUDENT)
-    manifest = read_manifest(stage_dir)
+def _init_student_manifest(run: Run, needed: list[str]) -> dict:
+    stage_dir = run.require(INIT_STUDENT)
+    manifest = run.manifest(INIT_STUDENT)
     if missing := [name for name in needed if name not in manifest]:
         raise unreadable(stage_dir / MANIFEST, f"it lacks {', '.join(missing)}")
     return manifest
-
-
-def complete_stage(run_dir: Path, stage: str) -> Path | None:
-    """The stage's directory if it is complete, else None (for readers that report what is there)."""
-    manifest = read_manifest(run_dir / stage)
-    return run_dir / stage if manifest and manifest.get("status") == "complete" else None

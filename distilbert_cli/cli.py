@@ -1,10 +1,11 @@
 """The `distil` command line: one command per stage, each taking Hydra overrides.
 
     distil train +experiment=triple_loss loss.temperature=4 run_dir=runs/exp1
-    distil train +experiment=triple_loss --cfg          # print the composed config and exit
+    distil train +experiment=triple_loss --cfg          # print the validated config and exit
     accelerate launch -m distilbert_cli train ...       # the same, on several processes
 
-A command composes `conf/<config>.yaml` with the overrides and calls its stage's `run(cfg, overrides)`.
+A command composes `conf/<config>.yaml` with the overrides, validates it once and calls its stage's
+`run(cfg, overrides)` with the typed config (distilbert_cli.schema).
 User mistakes, unreadable files, a stage in use by another process and a full disk print one line to stderr and
 exit 2.
 """
@@ -14,16 +15,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import typer
-from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from distilbert_cli.config import compose_config, one_line, renamed_overrides, to_yaml
 from distilbert_cli.errors import UsageError, first_line, is_disk_full
 
 USAGE_EXIT_CODE = 2
-StageRun = Callable[[DictConfig, Sequence[str]], object]
+StageRun = Callable[[Any, Sequence[str]], object]  # run(the command's typed config, its overrides)
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,10 @@ COMMANDS = (
 
 app = typer.Typer(
     name="distil",
-    help="Distill an encoder teacher (BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa-v3, ModernBERT, DistilBERT) into a "
-    "smaller student the DistilBERT way, one stage per command. "
-    "Every command takes Hydra overrides (key=value, +experiment=NAME, group=option) and --cfg.",
+    help="Distill an encoder teacher (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DeBERTa-v2/v3, ModernBERT, DistilBERT) "
+    "into a smaller student the DistilBERT way, one stage per command. "
+    "Every command takes Hydra overrides (key=value, +experiment=NAME, group=option) and --cfg; "
+    "a leading bare path is short for run_dir=PATH (distil report runs/exp1).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -119,7 +121,7 @@ app = typer.Typer(
 
 _OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. run_dir=runs/exp1 +experiment=triple_loss; "
                             "a leading bare path is short for run_dir=PATH", show_default=False)
-_SHOW_CFG = typer.Option(False, "--cfg", help="Print the composed config and exit.")
+_SHOW_CFG = typer.Option(False, "--cfg", help="Print the composed and validated config and exit.")
 
 
 def expand_run_dir(overrides: list[str]) -> list[str]:
@@ -140,7 +142,7 @@ def _make_command(spec: StageCommand):
         for note in notes:
             typer.echo(f"note: {note}", err=True)
         try:
-            cfg = compose_config(spec.config, overrides, validate=not show_cfg)
+            cfg = compose_config(spec.config, overrides)
             if show_cfg:
                 typer.echo(to_yaml(cfg), nl=False)
                 return

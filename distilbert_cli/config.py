@@ -2,14 +2,16 @@
 
 Every command has one primary config (`conf/<command>.yaml`); overrides are passed to Hydra
 verbatim, so `distil train +experiment=triple_loss loss.temperature=4` behaves exactly as a Hydra
-app would. The composed config is validated against its schema (distilbert_cli.schema); composition errors and
-values the schema refuses become `UsageError`s (one line, exit 2).
+app would. The composed config is validated once against its schema (distilbert_cli.schema), and the validated,
+typed and immutable object is what the stage and the library code it calls read: nothing downstream re-coerces or
+re-checks a value. Composition errors and values the schema refuses become `UsageError`s (one line, exit 2).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
@@ -17,6 +19,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from distilbert_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 # Config groups whose options are run-level presets rather than a command's own settings.
 PRESET_GROUPS = ("experiment", "debug")
@@ -59,9 +64,8 @@ def renamed_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     return current, notes
 
 
-def compose_config(command_config: str, overrides: Sequence[str] = (), validate: bool = True) -> DictConfig:
-    """Compose `conf/<command_config>.yaml` with `overrides`; raise UsageError on any user mistake. With `validate`,
-    every required value must be set and every value must fit the schema (distilbert_cli.schema).
+def compose_unvalidated(command_config: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose `conf/<command_config>.yaml` with `overrides` (not validated); raise UsageError on a composition error.
 
     Presets (`+experiment=`, `+debug=`) describe a whole run: each command keeps the top-level sections of the
     preset that its own config has (random_init's `init` goes to init-student, not to train).
@@ -78,21 +82,29 @@ def compose_config(command_config: str, overrides: Sequence[str] = (), validate:
                         del cfg[key]
     except (HydraException, OmegaConfBaseException) as exc:
         raise UsageError(one_line(exc)) from exc
-    if validate:
-        from distilbert_cli.schema import problems  # imports torch (the loss registry): not for --help or --cfg
-
-        require_complete_config(cfg)
-        if found := problems(command_config, OmegaConf.to_container(cfg, resolve=True)):
-            raise UsageError("; ".join(found))
     return cfg
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    """The composed config as YAML, interpolations resolved where they can be."""
+def compose_config(command_config: str, overrides: Sequence[str] = ()) -> BaseModel:
+    """The validated config of a command: `conf/<command_config>.yaml` composed with `overrides`, every required
+    value set and every value fitting the schema (distilbert_cli.schema), as the command's typed, immutable schema
+    object; a UsageError on any user mistake."""
+    from distilbert_cli.schema import validated  # imports torch (the loss registries): not for --help
+
+    cfg = compose_unvalidated(command_config, overrides)
+    require_complete_config(cfg)
     try:
-        return OmegaConf.to_yaml(cfg, resolve=True)
-    except OmegaConfBaseException:
-        return OmegaConf.to_yaml(cfg)
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise UsageError(one_line(exc)) from exc
+    return validated(command_config, container)
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    """A validated config as YAML, in the order of its schema."""
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
 def missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

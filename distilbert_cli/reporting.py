@@ -15,10 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from distilbert_cli import artifacts  # noqa: E402
-from distilbert_cli.artifacts import complete_stage, read_json, read_jsonl  # noqa: E402
+from distilbert_cli.artifacts import read_json, read_jsonl  # noqa: E402
 from distilbert_cli.errors import UsageError  # noqa: E402
 from distilbert_cli.models.run_models import run_student  # noqa: E402
-from distilbert_cli.rundir import read_manifest  # noqa: E402
+from distilbert_cli.rundir import Run  # noqa: E402
 from distilbert_cli.tasks import get_tasks  # noqa: E402
 from distilbert_cli.tasks.results import finetuned_runs, paired_bootstrap, runs_score  # noqa: E402
 from distilbert_cli.training.losses import LOSS_TERMS  # noqa: E402
@@ -33,30 +33,31 @@ PUBLISHED_ABLATIONS = {"no_ce": -2.96, "no_cos": -1.46, "no_mlm": -0.31, "random
 CHART_BACKEND = "eager"
 
 
-def run_summary(run_dir: Path) -> dict:
-    """What one run's stages say: objective, init, validation MLM, downstream scores, parameters, task distillation."""
-    summary = {"name": run_dir.name, "path": str(run_dir)}
-    if complete_stage(run_dir, artifacts.INIT_STUDENT):
+def run_summary(run_dir: Run) -> dict:
+    """What one run's stages say: objective, init, validation MLM, downstream scores, parameters, task distillation.
+    `run` keeps the run directory itself (for the stages other sections read)."""
+    summary = {"name": run_dir.path.name, "path": str(run_dir.path), "run": run_dir}
+    if run_dir.complete(artifacts.INIT_STUDENT):
         init = artifacts.init_student_facts(run_dir)
         summary.update(teacher=init.teacher, init_strategy=init.strategy, layer_map=init.layer_map,
                        param_counts=init.param_counts, student_arch=init.student_arch,
                        student_class=init.student_class)
-    if distill_dir := complete_stage(run_dir, artifacts.DISTILL):
-        config = read_manifest(distill_dir)["config"]
+    if distill_dir := run_dir.complete(artifacts.DISTILL):
+        config = run_dir.manifest(artifacts.DISTILL)["config"]
         # the weights the run recorded (a run from before a term existed has no key for it)
         summary["loss_weights"] = {key: value for key, value in config["loss"].items()
                                    if key.startswith("alpha_") and value}
         distilled = artifacts.DistillOutputs(distill_dir)
         summary["validation"] = read_json(distilled.validation)
         summary["metrics"] = read_jsonl(distilled.metrics)
-    if eval_dir := complete_stage(run_dir, artifacts.EVALUATE):
+    if eval_dir := run_dir.complete(artifacts.EVALUATE):
         results = read_json(eval_dir / artifacts.RESULTS_JSON)
         summary["downstream"] = {model: row["score"] for model, row in results["models"].items()}
         summary["downstream_tasks"] = {model: sorted(row["tasks"]) for model, row in results["models"].items()}
         summary["downstream_notes"] = results["notes"]
         summary["retention"] = results["retention"]
-    if td_dir := complete_stage(run_dir, artifacts.TASK_DISTILL):
-        manifest = read_manifest(td_dir)
+    if td_dir := run_dir.complete(artifacts.TASK_DISTILL):
+        manifest = run_dir.manifest(artifacts.TASK_DISTILL)
         config = manifest["config"]
         task, seeds = config["task"]["names"][0], config["task_distill"]["seeds"]
         first = artifacts.TaskDistillOutputs(td_dir).run(get_tasks([task])[0].name, seeds[0])
@@ -159,7 +160,7 @@ def downstream_comparison(main: dict, baseline: dict, resamples: int, seed: int)
     """Paired bootstrap of the student's downstream score against the baseline's student, on their common tasks."""
     tasks = sorted(set(main.get("downstream_tasks", {}).get("student", ()))
                    & set(baseline.get("downstream_tasks", {}).get("student", ())))
-    finetune_dirs = [complete_stage(Path(run["path"]), artifacts.FINETUNE) for run in (main, baseline)]
+    finetune_dirs = [run["run"].complete(artifacts.FINETUNE) for run in (main, baseline)]
     if not tasks or None in finetune_dirs:
         return None
     ours, theirs = (finetuned_runs(path, get_tasks(tasks), models=["student"]) for path in finetune_dirs)
@@ -217,8 +218,7 @@ def task_distillation(runs: list[dict], resamples: int, seed: int) -> list[dict]
     the paired bootstrap of task-distilled minus labels alone on the same dev examples."""
     found = []
     for run in runs:
-        path = Path(run["path"])
-        td_dir, finetune_dir = complete_stage(path, artifacts.TASK_DISTILL), complete_stage(path, artifacts.FINETUNE)
+        td_dir, finetune_dir = run["run"].complete(artifacts.TASK_DISTILL), run["run"].complete(artifacts.FINETUNE)
         if td_dir is None or finetune_dir is None:
             continue
         tasks = get_tasks([run["task_distill"]["task"]])
@@ -292,7 +292,7 @@ def _architecture(source: str) -> dict | None:
 def accuracy_latency(main: dict, runs: list[dict], found: list[dict]) -> list[dict]:
     """Every model of the report with its downstream score and the median latency bench-cpu measured for its
     architecture (the teacher; each run's student on labels alone and task-distilled): the points of the chart."""
-    bench_dir = complete_stage(Path(main["path"]), artifacts.BENCH_CPU)
+    bench_dir = main["run"].complete(artifacts.BENCH_CPU)
     if bench_dir is None:
         return []
     results = read_json(bench_dir / artifacts.RESULTS_JSON)
@@ -319,7 +319,7 @@ def accuracy_latency(main: dict, runs: list[dict], found: list[dict]) -> list[di
         if "student_arch" not in run:
             continue
         try:
-            source = run_student(run["path"]).source
+            source = run_student(run["run"]).source
         except UsageError:  # a run without its student (no distill stage): nothing to place
             continue
         timing = measured(source, "student" if run is main else "")
@@ -370,11 +370,11 @@ def accuracy_latency_lines(points: list[dict]) -> list[str]:
             "work).", "", "![accuracy vs latency](accuracy_latency.png)"]
 
 
-def stage_markdown(run_dir: Path, stage: str, out_dir: Path) -> list[str]:
+def stage_markdown(run_dir: Run, stage: str, out_dir: Path) -> list[str]:
     """Another stage's own results.md, headings demoted, its PNGs copied beside the report."""
-    stage_dir = complete_stage(run_dir, stage)
+    stage_dir = run_dir.complete(stage)
     if stage_dir is None or not (stage_dir / artifacts.RESULTS_MD).exists():
-        return [f"_No complete `{stage}` stage in {run_dir}._"]
+        return [f"_No complete `{stage}` stage in {run_dir.path}._"]
     text = (stage_dir / artifacts.RESULTS_MD).read_text()
     charts = []
     for image in sorted(stage_dir.glob("*.png")):
@@ -386,11 +386,11 @@ def stage_markdown(run_dir: Path, stage: str, out_dir: Path) -> list[str]:
     return ["##" + line if line.startswith("#") else line for line in text.splitlines()] + ["", *charts]
 
 
-def render(main: dict, baselines: list[dict], verdict_lines: list[str], run_dir: Path, out_dir: Path,
+def render(main: dict, baselines: list[dict], verdict_lines: list[str], run_dir: Run, out_dir: Path,
            teacher_note: str | None, has_curves: bool, task_lines: list[str], speed_lines: list[str]) -> str:
     counts = main.get("param_counts", {})
     lines = [f"# DistilBERT report: {main['name']}", "",
-             f"Run directory `{run_dir}`; baselines: {', '.join(b['name'] for b in baselines) or 'none'}.", ""]
+             f"Run directory `{run_dir.path}`; baselines: {', '.join(b['name'] for b in baselines) or 'none'}.", ""]
     if "teacher" in main:
         lines += [f"- Teacher: `{main['teacher']}`" + (f" — {teacher_note}" if teacher_note else ""),
                   f"- Student: {main['student_arch']}, init `{main['init_strategy']}`, layer map {main['layer_map']}",

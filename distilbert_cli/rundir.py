@@ -9,8 +9,8 @@ rename) only once every output is in place, so a crash never leaves a complete s
   its holder dies; the file names the holder's pid, host and start time). A second process gets a UsageError
   naming the holder and touches nothing; a lock left by a dead process is taken over with a warning.
 - A complete manifest keeps the sha256 of every output file (`files`; logs and the stage's own records, such as
-  timings, left out) and their combined `fingerprint`. A later stage finds its inputs with `require_complete`,
-  and `Stage.use_stage` re-hashes them, refusing any file changed, missing or added since.
+  timings, left out) and their combined `fingerprint`. A later stage finds its inputs through its `Run`
+  (`Run.require`), and `Stage.use_stage` re-hashes them, refusing any file changed, missing or added since.
 - A failed stage leaves no temporary files (names starting `.tmp-`) and says `failed`; a full disk becomes one
   line naming the stage and the path.
 """
@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-
-from omegaconf import DictConfig, OmegaConf
 
 from distilbert_cli.errors import UsageError, first_line, is_disk_full, unreadable
 from distilbert_cli.logs import attach_file_log, detach_file_log, is_main_process, wait_for_everyone
@@ -156,21 +154,8 @@ def read_manifest(stage_dir: Path) -> dict | None:
     return manifest
 
 
-def require_complete(run_dir: str | Path, stage: str) -> Path:
-    """The directory of a complete input stage, or a UsageError naming the path."""
-    stage_dir = Path(run_dir) / stage
-    manifest = read_manifest(stage_dir)
-    if manifest is None:
-        raise UsageError(f"input stage {stage} not found: {stage_dir / MANIFEST} does not exist "
-                         f"(run `distil {stage} run_dir={run_dir}` first)")
-    if manifest.get("status") != "complete":
-        raise UsageError(f"input stage {stage} is not complete (status {manifest.get('status')!r}): {stage_dir}")
-    return stage_dir
-
-
-def verify_outputs(stage_dir: Path, reads: str = "*") -> None:
+def verify_outputs(stage_dir: Path, manifest: dict, reads: str = "*") -> None:
     """Re-hash a complete stage's files (those matching `reads`) against the digests its manifest recorded."""
-    manifest = read_manifest(stage_dir)
     stage = manifest["stage"]
     if "files" not in manifest:
         log.warning("%s records no file digests (written by an older version): its files are not verified",
@@ -191,23 +176,71 @@ def verify_outputs(stage_dir: Path, reads: str = "*") -> None:
 
 
 @dataclass
+class Run:
+    """A run directory: where each stage lives, whether it is complete (asked here and nowhere else), each complete
+    stage's manifest (read once), and the run-wide trust setting for code shipped with checkpoints."""
+
+    path: Path
+    trust_remote_code: bool = False
+    _complete: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
+
+    @classmethod
+    def of(cls, cfg) -> Run:
+        """The run of a validated config (its `run_dir` and `trust_remote_code`)."""
+        return cls(Path(cfg.run_dir), cfg.trust_remote_code)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.path / stage
+
+    def manifest(self, stage: str) -> dict | None:
+        """The stage's manifest (None when there is none); a complete one is read once and kept."""
+        if stage in self._complete:
+            return self._complete[stage]
+        manifest = read_manifest(self.stage_dir(stage))
+        if manifest is not None and manifest["status"] == "complete":
+            self._complete[stage] = manifest
+        return manifest
+
+    def complete(self, stage: str) -> Path | None:
+        """The stage's directory if it is complete, else None (for readers that report what is there)."""
+        manifest = self.manifest(stage)
+        return self.stage_dir(stage) if manifest is not None and manifest["status"] == "complete" else None
+
+    def require(self, stage: str) -> Path:
+        """The directory of a complete input stage, or a UsageError naming the path."""
+        if (stage_dir := self.complete(stage)) is not None:
+            return stage_dir
+        manifest, stage_dir = self.manifest(stage), self.stage_dir(stage)
+        if manifest is None:
+            raise UsageError(f"input stage {stage} not found: {stage_dir / MANIFEST} does not exist "
+                             f"(run `distil {stage} run_dir={self.path}` first)")
+        raise UsageError(f"input stage {stage} is not complete (status {manifest['status']!r}): {stage_dir}")
+
+    def open_stage(self, stage: str, cfg, overrides: Sequence[str] = (), keep_partial: bool = False,
+                   unfingerprinted: Sequence[str] = ()):
+        """`open_stage` of this run's `stage` (cfg: the command's validated config)."""
+        return open_stage(self, stage, cfg, overrides, keep_partial, unfingerprinted)
+
+
+@dataclass
 class Stage:
     """An open stage directory: where outputs go and which inputs were consumed."""
 
     name: str
     path: Path
     manifest: dict
+    run: Run
     inputs: list[dict] = field(default_factory=list)
 
-    def use_stage(self, run_dir: str | Path, stage: str, reads: str = "*") -> Path:
+    def use_stage(self, stage: str, reads: str = "*") -> Path:
         """Consume a complete stage of the same run: verify the files it wrote (those matching the glob `reads`,
         the ones this stage reads) against its manifest, and record its fingerprint."""
-        stage_dir = require_complete(run_dir, stage)
+        stage_dir = self.run.require(stage)
+        manifest = self.run.manifest(stage)
         if is_main_process():
-            verify_outputs(stage_dir, reads)
+            verify_outputs(stage_dir, manifest, reads)
         wait_for_everyone()
-        self.inputs.append({"stage": stage, "path": str(stage_dir),
-                            "fingerprint": read_manifest(stage_dir).get("fingerprint")})
+        self.inputs.append({"stage": stage, "path": str(stage_dir), "fingerprint": manifest.get("fingerprint")})
         self._write()
         return stage_dir
 
@@ -320,25 +353,26 @@ def _failed_write(exc: BaseException, stage_dir: Path) -> Path:
 
 
 @contextmanager
-def open_stage(cfg: DictConfig, stage: str, overrides: Sequence[str] = (), keep_partial: bool = False,
+def open_stage(run: Run, stage: str, cfg, overrides: Sequence[str] = (), keep_partial: bool = False,
                unfingerprinted: Sequence[str] = ()) -> Iterator[Stage]:
-    """Lock and open `<cfg.run_dir>/<stage>/`, log to its log.txt, and mark it complete only if the body succeeds.
+    """Lock and open `<run>/<stage>/`, log to its log.txt, and mark it complete only if the body succeeds.
 
-    `keep_partial` keeps the files of an earlier incomplete attempt (the distill stage resumes from its
+    `cfg` is the command's validated config (recorded in the manifest; `cfg.overwrite` replaces a complete stage).
+    `keep_partial` keeps the files of an earlier incomplete attempt (the training stages resume from their
     checkpoints); otherwise they are removed. `unfingerprinted` names the files and folders that record the run
     rather than being its output (timings, the stage's own checkpoints): left out of the fingerprint. Only the
     main process locks and writes; the others wait for it.
     """
-    run_dir = Path(cfg.run_dir)
-    stage_dir = run_dir / stage
-    with stage_lock(run_dir, stage) if is_main_process() else nullcontext() as left_behind:
+    stage_dir = run.stage_dir(stage)
+    run._complete.pop(stage, None)  # the stage is being rewritten
+    with stage_lock(run.path, stage) if is_main_process() else nullcontext() as left_behind:
         if is_main_process():
-            _prepare_stage_dir(stage_dir, bool(cfg.overwrite), keep_partial)
+            _prepare_stage_dir(stage_dir, cfg.overwrite, keep_partial)
         wait_for_everyone()
         manifest = {
             "stage": stage,
             "status": "running",
-            "config": OmegaConf.to_container(cfg, resolve=True),
+            "config": cfg.model_dump(mode="json"),
             "overrides": list(overrides),
             "inputs": [],
             "versions": package_versions(),
@@ -347,7 +381,7 @@ def open_stage(cfg: DictConfig, stage: str, overrides: Sequence[str] = (), keep_
             "ended_at": None,
         }
         handler = attach_file_log(stage_dir / LOG)
-        current = Stage(stage, stage_dir, manifest)
+        current = Stage(stage, stage_dir, manifest, run)
         try:
             if left_behind is not None:
                 log.warning("took over the lock of stage %s from pid %s on %s (running since %s), which ended "

@@ -1,6 +1,7 @@
 """The config schema: one pydantic model per config group, one per command. Every composed config is validated
-before any work (types, finiteness, ranges, choices, unknown keys), so an impossible value is one `error:` line
-naming the key, the value and what is allowed.
+once, before any work (types, finiteness, ranges, choices, unknown keys), so an impossible value is one `error:` line
+naming the key, the value and what is allowed; the validated object (immutable) is what the stage and the library
+code read, each function taking the sections it needs.
 
 The YAML in conf/ holds every default once; the models here hold no defaults, only what a value may be. Checks
 that need the run (the number of processes, the data, the models) stay with the stage that has them.
@@ -13,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from distilbert_cli.errors import UsageError
 from distilbert_cli.training.losses import LOSS_TERMS
 from distilbert_cli.training.task_losses import TASK_LOSS_TERMS
 
@@ -25,9 +27,9 @@ Precision = Literal["no", "bf16", "fp16"]
 
 
 class Group(BaseModel):
-    """Strict: no string-to-number coercion, no unknown keys."""
+    """Strict: no string-to-number coercion, no unknown keys; frozen: what was validated is what runs."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
 def _distinct(values: list) -> list:
@@ -458,27 +460,31 @@ COMMAND_SCHEMAS: dict[str, type[BaseModel]] = {
 }
 
 
-def problems(command: str, config: dict) -> list[str]:
-    """What is wrong with a composed config (a plain dict), one `key=value: what is allowed` per key."""
+def validated(command: str, config: dict) -> BaseModel:
+    """The typed config of `command` (a composed config as a plain dict); a UsageError naming every problem, one
+    `key=value: what is allowed` per key."""
     try:
-        COMMAND_SCHEMAS[command].model_validate(config)
+        return COMMAND_SCHEMAS[command].model_validate(config)
     except ValidationError as exc:
-        by_key: dict[str, list[str]] = {}
-        for error in exc.errors():
-            key, value = _locate(config, error["loc"])
-            message = error["msg"].removeprefix("Value error, ")
-            if error["type"] == "extra_forbidden":
-                message = "unknown key"
-            elif error["type"] == "missing":
-                message = "required"
-            elif value is not _NO_VALUE and not isinstance(value, dict):
-                key = f"{key}={_shown(value)}"
-            by_key.setdefault(key, [])
-            if message not in by_key[key]:
-                by_key[key].append(message[0].lower() + message[1:])
-        return [f"{key}: {' or '.join(messages)}" if key else " or ".join(messages)
-                for key, messages in by_key.items()]
-    return []
+        raise UsageError("; ".join(_problems(config, exc))) from None
+
+
+def _problems(config: dict, exc: ValidationError) -> list[str]:
+    """What is wrong with a composed config, one `key=value: what is allowed` per key."""
+    by_key: dict[str, list[str]] = {}
+    for error in exc.errors():
+        key, value = _locate(config, error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "missing":
+            message = "required"
+        elif value is not _NO_VALUE and not isinstance(value, dict):
+            key = f"{key}={_shown(value)}"
+        by_key.setdefault(key, [])
+        if message not in by_key[key]:
+            by_key[key].append(message[0].lower() + message[1:])
+    return [f"{key}: {' or '.join(messages)}" if key else " or ".join(messages) for key, messages in by_key.items()]
 
 
 _NO_VALUE = object()

@@ -233,3 +233,10 @@ def loss_config(**settings):
               "teacher_layer": None, "relation_heads": None}
     values.update(settings)
     return OmegaConf.create(values)
+
+
+def open_stage(cfg, stage: str, overrides=(), **kwargs):
+    """Open `stage` of the run directory of a validated config (for tests that write a stage by hand)."""
+    from distilbert_cli.rundir import Run
+
+    return Run.of(cfg).open_stage(stage, cfg, overrides, **kwargs)

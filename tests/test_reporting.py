@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from builders import open_stage
 
 from distilbert_cli import artifacts
 from distilbert_cli.config import compose_config
 from distilbert_cli.reporting import ablation_table, downstream_comparison, verdict
-from distilbert_cli.rundir import open_stage
+from distilbert_cli.rundir import Run
 
 
 def run(name: str, mlm_loss: float | None = None, score: float | None = None, **extra) -> dict:
@@ -84,8 +85,8 @@ def test_downstream_comparison_uses_the_tasks_both_runs_were_fine_tuned_on(tmp_p
     right = lambda n: [(y if i < n else 1 - y, y) for i, y in enumerate(labels)]  # noqa: E731  right on the first n
     write_finetuned(tmp_path / "main", {"rte": right(16), "mrpc": right(20)})
     write_finetuned(tmp_path / "base", {"rte": right(14), "sst2": right(0)})
-    main = {"path": str(tmp_path / "main"), "downstream_tasks": {"student": ["mrpc", "rte"]}}
-    base = {"path": str(tmp_path / "base"), "downstream_tasks": {"student": ["rte", "sst2"]}}
+    main = {"run": Run(tmp_path / "main"), "downstream_tasks": {"student": ["mrpc", "rte"]}}
+    base = {"run": Run(tmp_path / "base"), "downstream_tasks": {"student": ["rte", "sst2"]}}
     comparison = downstream_comparison(main, base, resamples=50, seed=0)
     assert comparison["difference"] == pytest.approx(10.0) and comparison["dev_examples"] == 20  # RTE: 80% vs 70%
     assert downstream_comparison(main, {**base, "downstream_tasks": {"student": ["sst2"]}}, 50, 0) is None

@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 
 import pytest
-from omegaconf import OmegaConf
 
 from distilbert_cli.errors import UsageError
-from distilbert_cli.rundir import MANIFEST, fingerprint, open_stage, require_complete
+from distilbert_cli.rundir import MANIFEST, Run, fingerprint
+from distilbert_cli.schema import Common
 
 MANIFEST_FIELDS = {"stage", "status", "config", "overrides", "inputs", "versions", "git_commit",
                    "started_at", "ended_at", "fingerprint"}
 
 
 def _cfg(run_dir, overwrite=False):
-    return OmegaConf.create({"run_dir": str(run_dir), "overwrite": overwrite, "seed": 1})
+    return Common(run_dir=str(run_dir), overwrite=overwrite, seed=1, trust_remote_code=False)
+
+
+def open_stage(cfg, stage, overrides=(), **kwargs):
+    return Run.of(cfg).open_stage(stage, cfg, overrides, **kwargs)
 
 
 def _manifest(stage_dir):
@@ -42,7 +46,7 @@ def test_crash_leaves_a_failed_not_complete_stage(run_dir):
         raise RuntimeError("boom")
     assert _manifest(run_dir / "init-student")["status"] == "failed"
     with pytest.raises(UsageError, match="not complete.*init-student"):
-        require_complete(run_dir, "init-student")
+        Run(run_dir).require("init-student")
 
 
 def test_complete_stage_is_not_overwritten_without_overwrite(run_dir):
@@ -59,14 +63,14 @@ def test_complete_stage_is_not_overwritten_without_overwrite(run_dir):
 
 def test_missing_input_stage_is_refused_with_its_path(run_dir):
     with pytest.raises(UsageError, match=str(run_dir / "prepare-data")), open_stage(_cfg(run_dir), "distill") as stage:
-        stage.use_stage(run_dir, "prepare-data")
+        stage.use_stage("prepare-data")
 
 
 def test_consumed_stage_fingerprint_is_recorded(run_dir):
     with open_stage(_cfg(run_dir), "prepare-data") as stage:
         (stage.path / "data.bin").write_bytes(b"123")
     with open_stage(_cfg(run_dir), "distill") as stage:
-        stage.use_stage(run_dir, "prepare-data")
+        stage.use_stage("prepare-data")
     recorded = _manifest(run_dir / "distill")["inputs"][0]
     assert recorded["fingerprint"] == _manifest(run_dir / "prepare-data")["fingerprint"]
     assert recorded["fingerprint"] == fingerprint(run_dir / "prepare-data")

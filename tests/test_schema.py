@@ -60,6 +60,9 @@ def test_every_problem_is_named_in_the_one_line():
         compose_config("train", ["optim.lr=-1", "optim.eps=0"])
 
 
-def test_printing_the_config_does_not_validate():
-    result = runner.invoke(app, ["train", "optim.lr=-1", "--cfg"])
-    assert result.exit_code == 0 and "lr: -1" in result.output
+def test_printing_the_config_validates_it_first():
+    """--cfg prints what would run: a value the stage would refuse is the same one line, exit 2, not printed."""
+    result = runner.invoke(app, ["train", "optim.betas.0=1.5", "--cfg"])
+    assert result.exit_code == 2 and result.output.strip() == "error: optim.betas.0=1.5: input should be less than 1"
+    printed = runner.invoke(app, ["train", "optim.lr=0.001", "--cfg"])
+    assert printed.exit_code == 0 and "lr: 0.001" in printed.output

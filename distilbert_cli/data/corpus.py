@@ -9,13 +9,16 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from distilbert_cli.errors import UsageError
 from distilbert_cli.logs import is_main_process
+
+if TYPE_CHECKING:
+    from distilbert_cli.schema import HubData, LocalData
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +29,7 @@ _PROGRESS_BYTES = 1 << 20
 _WRITE_CHUNK_CHARS = 1 << 23  # text per Arrow record batch while streaming a corpus to disk
 
 
-def corpus_paths(data: DictConfig) -> list[str]:
+def corpus_paths(data: LocalData) -> list[str]:
     return [data.paths] if isinstance(data.paths, str) else list(data.paths)
 
 
@@ -171,7 +174,7 @@ def _parquet_documents(path: Path, text_field: str, bad: BadLines, progress: tqd
         progress.update(round(bytes_per_row * batch.num_rows))
 
 
-def _local_documents(files: list[Path], data: DictConfig, bad: BadLines) -> Iterator[str]:
+def _local_documents(files: list[Path], data: LocalData, bad: BadLines) -> Iterator[str]:
     with tqdm(total=sum(path.stat().st_size for path in files), unit="B", unit_scale=True, desc="Reading",
               disable=not is_main_process()) as progress:
         for path in files:
@@ -202,7 +205,7 @@ def write_text_arrow(documents: Iterable[str], path: Path) -> None:
 
 
 
-def _hub_corpus(data: DictConfig, work_dir: Path, bad: BadLines, batch_size: int):
+def _hub_corpus(data: HubData, work_dir: Path, bad: BadLines, batch_size: int):
     """The configured hub datasets as one `text` column: memory-mapped Arrow, or streamed into an Arrow file."""
     from datasets import Dataset, concatenate_datasets, load_dataset
 
@@ -241,12 +244,12 @@ def _streamed_texts(corpus, bad: BadLines, batch_size: int) -> Iterator[str]:
 
 
 
-def read_corpus(cfg: DictConfig, files: list[Path], work_dir: Path, bad: BadLines):
+def read_corpus(data: LocalData | HubData, batch_size: int, files: list[Path], work_dir: Path, bad: BadLines):
     from datasets import Dataset
 
-    if cfg.data.source == "hub":
-        return _hub_corpus(cfg.data, work_dir, bad, cfg.prepare.batch_size)
+    if data.source == "hub":
+        return _hub_corpus(data, work_dir, bad, batch_size)
     path = work_dir / "corpus.arrow"
-    write_text_arrow(_local_documents(files, cfg.data, bad), path)
+    write_text_arrow(_local_documents(files, data, bad), path)
     return Dataset.from_file(str(path))
 

@@ -7,9 +7,9 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from omegaconf import DictConfig
 
 from distilbert_cli.artifacts import PreparedData
 from distilbert_cli.data.corpus import BadLines, read_corpus
@@ -24,6 +24,9 @@ from distilbert_cli.data.tokenize import (
     train_token_counts,
 )
 from distilbert_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from distilbert_cli.schema import HubData, LocalData, Prepare
 
 log = logging.getLogger(__name__)
 
@@ -52,31 +55,31 @@ def usable_cpus() -> int:
 
 
 
-def _split(kept: np.ndarray, cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+def _split(kept: np.ndarray, validation_size: float | int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Row numbers of the train and validation sequences: a seeded draw, each split kept in corpus order."""
-    size = _validation_count(cfg.prepare.validation_size, kept.size)
-    validation = np.random.default_rng(cfg.seed).choice(kept, size=size, replace=False)
+    size = _validation_count(validation_size, kept.size)
+    validation = np.random.default_rng(seed).choice(kept, size=size, replace=False)
     validation.sort()
     return np.setdiff1d(kept, validation, assume_unique=True), validation
 
 
-def _stats(cfg: DictConfig, documents: int, bad: BadLines, drop: np.ndarray, lengths: np.ndarray,
-           splits: dict[str, np.ndarray], phases: dict[str, float], num_proc: int, encoder: DocumentEncoder) -> dict:
+def _stats(data: LocalData | HubData, prepare: Prepare, documents: int, bad: BadLines, drop: np.ndarray,
+           lengths: np.ndarray, splits: dict[str, np.ndarray], phases: dict[str, float], num_proc: int,
+           encoder: DocumentEncoder) -> dict:
     tokens = {name: int(lengths[rows].sum()) for name, rows in splits.items()}
     kept = drop == KEEP
-    prepare = cfg.prepare
     edges = np.unique(np.linspace(0, prepare.max_seq_length, _HISTOGRAM_BINS + 1).round().astype(np.int64))
     rules = {EMPTY_DOCUMENT: "documents without any token",
              MOSTLY_UNKNOWN: f"sequences whose [UNK] tokens are >= {prepare.max_unk_fraction} of their length",
              TOO_SHORT: f"sequences shorter than prepare.min_seq_length={prepare.min_seq_length} tokens"}
     seconds = sum(phases.values())
     return {
-        "source": cfg.data.source,
+        "source": data.source,
         "documents_read": documents,
-        "bad_lines": {"policy": cfg.data.bad_lines, "count": bad.count,
+        "bad_lines": {"policy": data.bad_lines, "count": bad.count,
                       "rule": "lines that are binary (a NUL byte) or not valid UTF-8, and records without text (bad "
                               "JSON, a missing or null field), "
-                              + ("are skipped and counted" if cfg.data.bad_lines == "skip"
+                              + ("are skipped and counted" if data.bad_lines == "skip"
                                  else "stop the stage with an error")},
         "sequences_written": {**{name: int(rows.size) for name, rows in splits.items()}, "total": int(kept.sum())},
         "tokens_written": {**tokens, "total": sum(tokens.values())},
@@ -92,15 +95,16 @@ def _stats(cfg: DictConfig, documents: int, bad: BadLines, drop: np.ndarray, len
     }
 
 
-def build_prepared(cfg: DictConfig, tokenizer, files: list[Path], out: PreparedData, work_dir: Path,
-                   setup_seconds: float) -> dict:
-    """Read, tokenize, split and save the corpus into `out` (intermediate files in `work_dir`); the statistics."""
+def build_prepared(data: LocalData | HubData, prepare: Prepare, seed: int, tokenizer, files: list[Path],
+                   out: PreparedData, work_dir: Path, setup_seconds: float) -> dict:
+    """Read (`data`), tokenize (`prepare`), split (`seed`) and save the corpus into `out` (intermediate files in
+    `work_dir`); the statistics."""
     from datasets import DatasetDict
 
     phases = {"setup": setup_seconds}
     clock = time.perf_counter()
-    bad = BadLines(cfg.data.bad_lines)
-    corpus = read_corpus(cfg, files, work_dir, bad)
+    bad = BadLines(data.bad_lines)
+    corpus = read_corpus(data, prepare.batch_size, files, work_dir, bad)
     documents = len(corpus) - corpus.data.column("text").null_count
     if documents == 0:
         skipped = f" ({bad.count} bad line(s) skipped)" if bad.count else ""
@@ -108,23 +112,23 @@ def build_prepared(cfg: DictConfig, tokenizer, files: list[Path], out: PreparedD
     phases["read"], clock = time.perf_counter() - clock, time.perf_counter()
     log.info("read %d documents in %.2f s", documents, phases["read"])
 
-    num_proc = cfg.prepare.num_proc or usable_cpus()
+    num_proc = prepare.num_proc or usable_cpus()
     encoder = DocumentEncoder(tokenizer)
     log.info("tokenizing %s", encoder.memo_note)
-    tokenized = tokenize_corpus(corpus, tokenizer, encoder, cfg, work_dir, num_proc)
+    tokenized = tokenize_corpus(corpus, tokenizer, encoder, prepare, work_dir, num_proc)
     drop = tokenized.data.column("drop").to_numpy()
     lengths = tokenized.data.column("length").to_numpy().astype(np.int64)
     kept = np.flatnonzero(drop == KEEP)
     if kept.size == 0:
-        raise UsageError(f"no sequences left after the filters (prepare.min_seq_length={cfg.prepare.min_seq_length}, "
-                         f"prepare.max_unk_fraction={cfg.prepare.max_unk_fraction}) from {documents} document(s)")
+        raise UsageError(f"no sequences left after the filters (prepare.min_seq_length={prepare.min_seq_length}, "
+                         f"prepare.max_unk_fraction={prepare.max_unk_fraction}) from {documents} document(s)")
     phases["tokenize"], clock = time.perf_counter() - clock, time.perf_counter()
 
-    train, validation = _split(kept, cfg)
+    train, validation = _split(kept, prepare.validation_size, seed)
     sequences = tokenized.remove_columns("drop")
     DatasetDict(train=sequences.select(train), validation=sequences.select(validation)).save_to_disk(str(out.dataset))
     np.save(out.token_counts, train_token_counts(out.dataset, len(tokenizer)))
     phases["write"] = time.perf_counter() - clock
-    return _stats(cfg, documents, bad, drop, lengths, {"train": train, "validation": validation}, phases, num_proc,
-                  encoder)
+    return _stats(data, prepare, documents, bad, drop, lengths, {"train": train, "validation": validation}, phases,
+                  num_proc, encoder)
 

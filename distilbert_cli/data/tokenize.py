@@ -8,10 +8,13 @@ import json
 import re
 from itertools import chain, islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from distilbert_cli.schema import Prepare
 
 # Why a tokenized row is not written (the `drop` column of the intermediate dataset).
 KEEP, EMPTY_DOCUMENT, MOSTLY_UNKNOWN, TOO_SHORT = 0, 1, 2, 3
@@ -344,9 +347,8 @@ def train_token_counts(dataset_dir: Path, vocab_size: int) -> np.ndarray:
 
 
 
-def tokenize_corpus(corpus, tokenizer, encoder: DocumentEncoder, cfg: DictConfig, work_dir: Path, num_proc: int):
+def tokenize_corpus(corpus, tokenizer, encoder: DocumentEncoder, prepare: Prepare, work_dir: Path, num_proc: int):
     """Rows of (input_ids, length, drop) for the whole corpus, written by `num_proc` processes into `work_dir`."""
-    prepare = cfg.prepare
     return corpus.with_format("arrow").map(
         tokenize_documents, batched=True, batch_size=prepare.batch_size, input_columns="text",
         remove_columns=corpus.column_names, features=_row_features(),

@@ -12,7 +12,7 @@ from pathlib import Path
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models.loading import check_name_or_path
-from distilbert_cli.rundir import read_manifest, require_complete
+from distilbert_cli.rundir import Run
 
 # The run's own models.
 RUN_MODELS = ("student", "teacher")
@@ -30,26 +30,26 @@ class ModelChoice:
     stage: str | None = None  # the stage of the run this model comes from (None for an outside model)
 
 
-def run_student(run_dir: str | Path) -> ModelChoice:
+def run_student(run: Run) -> ModelChoice:
     """The run's student: <run_dir>/distill/final, or init-student's model for a student that distil train does not
     distill (a BiLSTM: task-distill distills it per task)."""
-    init_dir = artifacts.complete_stage(Path(run_dir), artifacts.INIT_STUDENT)
-    if init_dir is not None and read_manifest(init_dir).get("student_arch") in TASK_ONLY_STUDENTS:
+    init_dir = run.complete(artifacts.INIT_STUDENT)
+    if init_dir is not None and run.manifest(artifacts.INIT_STUDENT).get("student_arch") in TASK_ONLY_STUDENTS:
         return ModelChoice("student", str(artifacts.InitStudentOutputs(init_dir).model), "student",
                            artifacts.INIT_STUDENT)
-    final = artifacts.DistillOutputs(require_complete(run_dir, artifacts.DISTILL)).final
+    final = artifacts.DistillOutputs(run.require(artifacts.DISTILL)).final
     return ModelChoice("student", str(final), "student", artifacts.DISTILL)
 
 
-def resolve_models(run_dir: str | Path, entries: Sequence[str], setting: str) -> list[ModelChoice]:
+def resolve_models(run: Run, entries: Sequence[str], setting: str) -> list[ModelChoice]:
     """Model list entries: `student` = the run's student (see run_student), `teacher` = the run's teacher, or any
     path/hub name, as `name:path` to choose the name it is shown and stored by."""
     choices = []
     for entry in map(str, entries):
         if entry == "student":
-            choices.append(run_student(run_dir))
+            choices.append(run_student(run))
         elif entry == "teacher":
-            choices.append(ModelChoice(entry, artifacts.recorded_teacher(run_dir), entry, artifacts.INIT_STUDENT))
+            choices.append(ModelChoice(entry, artifacts.recorded_teacher(run), entry, artifacts.INIT_STUDENT))
         else:
             named = NAMED_ENTRY.fullmatch(entry) if not Path(entry).exists() else None
             name, source = (named["name"], named["source"]) if named else (Path(entry).name, entry)

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 from distilbert_cli import artifacts
 from distilbert_cli.bench.measure import bench_model, current_rss_bytes, pool_rounds, release_memory, reset_peak_rss
@@ -42,16 +41,17 @@ from distilbert_cli.models.families import max_sequence_length
 from distilbert_cli.models.loading import load_config, load_tokenizer
 from distilbert_cli.models.run_models import ModelChoice
 from distilbert_cli.models.run_models import resolve_models as resolve_run_models
-from distilbert_cli.rundir import open_stage, write_json_atomic
+from distilbert_cli.rundir import Run, write_json_atomic
+from distilbert_cli.schema import BenchCpu
 from distilbert_cli.tasks import get_task
 from distilbert_cli.tasks.base import SequenceClassificationTask
 
 log = logging.getLogger(__name__)
 
 
-def resolve_models(cfg: DictConfig) -> list[ModelChoice]:
+def resolve_models(cfg: BenchCpu, run_dir: Run) -> list[ModelChoice]:
     """`bench.models` entries as (name, source, role); the run's teacher and student need their complete stages."""
-    choices = resolve_run_models(cfg.run_dir, cfg.bench.models, "bench.models")
+    choices = resolve_run_models(run_dir, cfg.bench.models, "bench.models")
     for choice in choices:
         config = load_config(choice.source, cfg.trust_remote_code, role=f"model {choice.name}")
         if (longest := max_sequence_length(config)) is not None and cfg.bench.max_seq_length > longest:
@@ -60,21 +60,22 @@ def resolve_models(cfg: DictConfig) -> list[ModelChoice]:
     return choices
 
 
-def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
+def run(cfg: BenchCpu, overrides: Sequence[str] = ()) -> dict:
     """Time every model under every backend and batch size; write results.{json,md} and latency.png."""
     task = get_task(cfg.task.names[0])
     if not isinstance(task, SequenceClassificationTask):
         raise UsageError(f"bench-cpu times sequence classification (the paper's STS-B); {task.name} is not")
     task.check_files(cfg.task, task.dev_splits[:1])
-    choices = resolve_models(cfg)
+    run_dir = Run.of(cfg)
+    choices = resolve_models(cfg, run_dir)
     bench = cfg.bench
     tokenizers = [load_tokenizer(choice.source, cfg.trust_remote_code, role=f"model {choice.name} tokenizer")
                   for choice in choices]
 
-    with open_stage(cfg, artifacts.BENCH_CPU, overrides) as stage:
+    with run_dir.open_stage(artifacts.BENCH_CPU, cfg, overrides) as stage:
         for choice in choices:
             if choice.stage is not None:
-                stage.use_stage(cfg.run_dir, choice.stage)
+                stage.use_stage(choice.stage)
             stage.use_model(choice.source, f"model {choice.name}")
         workload = load_workload(cfg)
         for path in task.local_files(cfg.task, task.dev_splits[:1]).values():

@@ -18,12 +18,12 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models.loading import load_config, load_tokenizer
-from distilbert_cli.rundir import open_stage, read_manifest, require_complete, write_json_atomic
+from distilbert_cli.rundir import Run, write_json_atomic
+from distilbert_cli.schema import Evaluate
+from distilbert_cli.schema import Task as TaskSettings
 from distilbert_cli.tasks import get_task, get_tasks
 from distilbert_cli.tasks.base import Task
 from distilbert_cli.tasks.finetuning import (
@@ -62,7 +62,7 @@ def problem_notes(problems: dict) -> list[str]:
             for task, splits in problems.items() for split, found in splits.items()]
 
 
-def resolve_model_dirs(cfg: DictConfig, tasks: Sequence[Task]) -> list[tuple[str, Task, tuple | None]]:
+def resolve_model_dirs(cfg: Evaluate, tasks: Sequence[Task]) -> list[tuple[str, Task, tuple | None]]:
     """Each `eval.model_dirs` entry with the task it was fine-tuned on and its classes, checked before any work."""
     resolved = []
     for entry in map(str, cfg.eval.model_dirs):
@@ -85,7 +85,7 @@ def resolve_model_dirs(cfg: DictConfig, tasks: Sequence[Task]) -> list[tuple[str
     return resolved
 
 
-def evaluate_model_dirs(cfg: DictConfig, model_dirs: list, out_dir: Path) -> tuple[list[dict], dict]:
+def evaluate_model_dirs(cfg: Evaluate, model_dirs: list, out_dir: Path) -> tuple[list[dict], dict]:
     """Run each fine-tuned model on its task's dev splits; predictions go to out_dir/model-<i>/. Returns the
     records and the rows the data loader skipped ({task: {split: {what: count}}})."""
     from accelerate import Accelerator
@@ -106,12 +106,11 @@ def evaluate_model_dirs(cfg: DictConfig, model_dirs: list, out_dir: Path) -> tup
     return records, problems
 
 
-def finetune_notes(finetune_dir: Path, tasks: Sequence[Task]) -> tuple[str, list[str], bool]:
-    """The data source, the settings and any shortcut (capped rows, skipped rows) of the finetune stage, for an
-    honest table, and whether its models learned from soft targets ("(D)")."""
-    manifest = read_manifest(finetune_dir)
+def finetune_notes(manifest: dict, tasks: Sequence[Task]) -> tuple[str, list[str], bool]:
+    """The data source, the settings and any shortcut (capped rows, skipped rows) of the finetune stage (its
+    manifest), for an honest table, and whether its models learned from soft targets ("(D)")."""
     config = manifest["config"]
-    settings = OmegaConf.create(config["task"])
+    settings = TaskSettings.model_validate(config["task"])
     notes = [f"finetune.{key}={config['finetune'][key]} (not the full split)"
              for key in ("max_train_samples", "max_eval_samples") if config["finetune"][key] is not None]
     notes += problem_notes(manifest["data_problems"]) + settings_notes(tasks, settings)
@@ -123,16 +122,17 @@ def finetune_notes(finetune_dir: Path, tasks: Sequence[Task]) -> tuple[str, list
     return describe_data(tasks, settings), notes, soft["teacher"] is not None
 
 
-def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
+def run(cfg: Evaluate, overrides: Sequence[str] = ()) -> dict:
     """Score, tabulate and write results.{json,md}; return the results.json payload."""
     tasks = get_tasks(cfg.task.names)
     model_dirs = resolve_model_dirs(cfg, tasks)
     for _, task, _ in model_dirs:
         task.check_files(cfg.task, task.eval_splits(cfg.task))
+    run_dir = Run.of(cfg)
     if not model_dirs:
-        require_complete(cfg.run_dir, artifacts.FINETUNE)
+        run_dir.require(artifacts.FINETUNE)
 
-    with open_stage(cfg, artifacts.EVALUATE, overrides) as stage:
+    with run_dir.open_stage(artifacts.EVALUATE, cfg, overrides) as stage:
         if model_dirs:
             for entry, _, _ in model_dirs:
                 stage.use_model(entry, "fine-tuned model")
@@ -142,10 +142,10 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             data, notes = describe_data(columns, cfg.task), problem_notes(problems) + settings_notes(columns, cfg.task)
             soft_targets = False  # unknown for outside models: their rows are named by their paths
         else:
-            finetune_dir = stage.use_stage(cfg.run_dir, artifacts.FINETUNE, reads=artifacts.FINETUNE_PREDICTIONS)
+            finetune_dir = stage.use_stage(artifacts.FINETUNE, reads=artifacts.FINETUNE_PREDICTIONS)
             records = collect_finetuned(finetune_dir, tasks)
             columns = evaluated_tasks(tasks, records)
-            data, notes, soft_targets = finetune_notes(finetune_dir, columns)
+            data, notes, soft_targets = finetune_notes(run_dir.manifest(artifacts.FINETUNE), columns)
         if cfg.eval.note is not None:
             notes.append(str(cfg.eval.note))
         summary = summarize(records)

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models.run_models import ModelChoice, resolve_models
-from distilbert_cli.rundir import open_stage
+from distilbert_cli.rundir import Run
 from distilbert_cli.tasks import get_task, get_tasks
 from distilbert_cli.tasks.base import Task
 from distilbert_cli.tasks.finetuning import check_task_model, finetune_one, first_rows
@@ -66,7 +66,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         get_task(name)  # a known task
     for task in tasks:
         task.check_files(cfg.task, ("train", *task.eval_splits(cfg.task)))
-    choices = resolve_models(cfg.run_dir, cfg.finetune.models, "finetune.models")
+    run_dir = Run.of(cfg)
+    choices = resolve_models(run_dir, cfg.finetune.models, "finetune.models")
     trust = cfg.trust_remote_code
     for choice in choices:
         for task in tasks:
@@ -83,11 +84,11 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         raise UsageError(f"finetune.batch_size={cfg.finetune.batch_size} is not divisible by the "
                          f"{accelerator.num_processes} processes")
 
-    with open_stage(cfg, artifacts.FINETUNE, overrides,
-                    unfingerprinted=artifacts.UNFINGERPRINTED[artifacts.FINETUNE]) as stage:
+    with run_dir.open_stage(artifacts.FINETUNE, cfg, overrides,
+                            unfingerprinted=artifacts.UNFINGERPRINTED[artifacts.FINETUNE]) as stage:
         for choice in choices:
             if choice.stage is not None:
-                stage.use_stage(cfg.run_dir, choice.stage)
+                stage.use_stage(choice.stage)
             stage.use_model(choice.source, f"model {choice.name}")
         log.info("fine-tuning %s on %s, seeds %s, batch %d (%d per process x %d)",
                  [c.name for c in choices], [t.name for t in tasks], list(cfg.finetune.seeds),

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
@@ -42,7 +41,8 @@ from distilbert_cli.models.student import (
     student_config,
     widths,
 )
-from distilbert_cli.rundir import open_stage
+from distilbert_cli.rundir import Run
+from distilbert_cli.schema import InitStudent
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def teacher_reference(name_or_path: str) -> str:
     return str(path.resolve()) if path.exists() else name_or_path
 
 
-def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
+def run(cfg: InitStudent, overrides: Sequence[str] = ()) -> Path:
     """Build the student from `cfg.teacher` into `<run_dir>/init-student/model/`; returns that directory."""
     from transformers import AutoModelForMaskedLM
 
@@ -75,14 +75,14 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
         raise UsageError(f"student.arch={arch} has no layer the teacher's weights fit: use init.strategy=random "
                          "(e.g. +experiment=mobilebert)")
     teacher_widths = widths(teacher_config, family)
-    narrower = [f"student.{key}={cfg.student[key]}" for key in WIDTH_KEYS
-                if cfg.student[key] is not None and cfg.student[key] != teacher_widths[key]]
+    narrower = [f"student.{key}={getattr(cfg.student, key)}" for key in WIDTH_KEYS
+                if getattr(cfg.student, key) is not None and getattr(cfg.student, key) != teacher_widths[key]]
     if copies_teacher and narrower:
         raise UsageError(f"{' '.join(narrower)}: a student narrower than the teacher can only be built with "
                          f"init.strategy=random (the teacher's weights do not fit it)")
     tokenizer = load_tokenizer(teacher_name, trust, role="teacher tokenizer")
 
-    with open_stage(cfg, artifacts.INIT_STUDENT, overrides) as stage:
+    with Run.of(cfg).open_stage(artifacts.INIT_STUDENT, cfg, overrides) as stage:
         stage.use_model(teacher_name, "teacher")
         teacher, teacher_has_mlm_head = load_masked_lm(teacher_name, trust, role="teacher")
         # As loaded: loading may have picked another head layout (DeBERTa's legacy=false).
@@ -118,7 +118,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     return model_dir
 
 
-def bilstm_student(cfg: DictConfig, overrides: Sequence[str]) -> Path:
+def bilstm_student(cfg: InitStudent, overrides: Sequence[str]) -> Path:
     """student=bilstm: Tang et al.'s BiLSTM encoder over the teacher tokenizer's ids, its embeddings the teacher's input
     embeddings projected onto their `student.embedding_size` principal components (init=random: random ones)."""
     from distilbert_cli.models.bilstm import BiLSTMModel, bilstm_config, projected_embeddings
@@ -129,7 +129,7 @@ def bilstm_student(cfg: DictConfig, overrides: Sequence[str]) -> Path:
                          "takes the teacher's input embeddings (projected down), or none with init=random")
     load_config(teacher_name, trust, role="teacher")
     tokenizer = load_tokenizer(teacher_name, trust, role="teacher tokenizer")
-    with open_stage(cfg, artifacts.INIT_STUDENT, overrides) as stage:
+    with Run.of(cfg).open_stage(artifacts.INIT_STUDENT, cfg, overrides) as stage:
         stage.use_model(teacher_name, "teacher")
         teacher, teacher_has_mlm_head = load_masked_lm(teacher_name, trust, role="teacher")
         embeddings = teacher.get_input_embeddings().weight.detach()

@@ -27,19 +27,18 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from distilbert_cli import artifacts
 from distilbert_cli.data.corpus import check_corpus_file, corpus_paths, resolve_corpus_files
 from distilbert_cli.data.prepared import build_prepared
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models.loading import load_tokenizer
-from distilbert_cli.rundir import open_stage, temporary_path, write_json_atomic
+from distilbert_cli.rundir import Run, temporary_path, write_json_atomic
+from distilbert_cli.schema import HubData, LocalData, PrepareData
 
 log = logging.getLogger(__name__)
 
 
-def _check_tokenizer(tokenizer, cfg: DictConfig) -> None:
+def _check_tokenizer(tokenizer, cfg: PrepareData) -> None:
     name = cfg.teacher.name_or_path
     if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
         raise UsageError(f"tokenizer {name!r} has no [CLS]/[SEP] (cls_token/sep_token) tokens to frame sequences")
@@ -49,7 +48,7 @@ def _check_tokenizer(tokenizer, cfg: DictConfig) -> None:
 
 
 
-def _record_corpus(stage, data: DictConfig) -> None:
+def _record_corpus(stage, data: LocalData | HubData) -> None:
     if data.source == "hub":
         for source in data.datasets:
             revision = f"@{source.revision}" if source.revision else ""
@@ -64,7 +63,7 @@ def _record_corpus(stage, data: DictConfig) -> None:
 
 
 
-def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
+def run(cfg: PrepareData, overrides: Sequence[str] = ()) -> Path:
     """Tokenize the configured corpus into `<run_dir>/prepare-data/`; returns that directory."""
     started = time.perf_counter()
     files = resolve_corpus_files(corpus_paths(cfg.data)) if cfg.data.source == "local" else []
@@ -73,8 +72,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     tokenizer = load_tokenizer(cfg.teacher.name_or_path, cfg.trust_remote_code, role="teacher tokenizer")
     _check_tokenizer(tokenizer, cfg)
 
-    with open_stage(cfg, artifacts.PREPARE_DATA, overrides,
-                    unfingerprinted=artifacts.UNFINGERPRINTED[artifacts.PREPARE_DATA]) as stage:
+    with Run.of(cfg).open_stage(artifacts.PREPARE_DATA, cfg, overrides,
+                                unfingerprinted=artifacts.UNFINGERPRINTED[artifacts.PREPARE_DATA]) as stage:
         stage.use_model(cfg.teacher.name_or_path, "tokenizer")
         _record_corpus(stage, cfg.data)
         stage.update(tokenizer=cfg.teacher.name_or_path, vocab_size=len(tokenizer),
@@ -82,7 +81,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
         out = artifacts.PreparedData(stage.path)
         work_dir = temporary_path(stage.path / "work")
         work_dir.mkdir()
-        stats = build_prepared(cfg, tokenizer, files, out, work_dir, time.perf_counter() - started)
+        stats = build_prepared(cfg.data, cfg.prepare, cfg.seed, tokenizer, files, out, work_dir,
+                               time.perf_counter() - started)
         shutil.rmtree(work_dir)  # on failure open_stage removes it (and names it if the disk was full)
         tokenizer.save_pretrained(out.tokenizer)
         write_json_atomic(out.stats, stats)

@@ -16,8 +16,6 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
 from distilbert_cli.reporting import (
@@ -32,22 +30,23 @@ from distilbert_cli.reporting import (
     task_distillation_lines,
     verdict,
 )
-from distilbert_cli.rundir import open_stage
+from distilbert_cli.rundir import Run
+from distilbert_cli.schema import Report
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
-    run_dir = Path(cfg.run_dir)
-    baseline_dirs = [Path(p) for p in cfg.report.baselines]
-    for path in [run_dir, *baseline_dirs]:
-        if not path.is_dir():
-            raise UsageError(f"run directory not found: {path}")
-    if artifacts.complete_stage(run_dir, artifacts.DISTILL) is None:
-        raise UsageError(f"nothing to report: {run_dir / artifacts.DISTILL} is not a complete distill stage")
-    with open_stage(cfg, artifacts.REPORT, overrides) as stage:
+def run(cfg: Report, overrides: Sequence[str] = ()) -> Path:
+    run_dir = Run.of(cfg)
+    baseline_dirs = [Run(Path(p)) for p in cfg.report.baselines]
+    for each in [run_dir, *baseline_dirs]:
+        if not each.path.is_dir():
+            raise UsageError(f"run directory not found: {each.path}")
+    if run_dir.complete(artifacts.DISTILL) is None:
+        raise UsageError(f"nothing to report: {run_dir.stage_dir(artifacts.DISTILL)} is not a complete distill stage")
+    with run_dir.open_stage(artifacts.REPORT, cfg, overrides) as stage:
         main = run_summary(run_dir)
-        baselines = [run_summary(path) for path in baseline_dirs]
+        baselines = [run_summary(each) for each in baseline_dirs]
         has_curves = plot_losses([main, *baselines], stage.path / "loss_curves.png")
         resamples = cfg.report.bootstrap_resamples
         comparisons = [downstream_comparison(main, baseline, resamples, cfg.seed) if resamples else None
@@ -60,7 +59,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
         report = stage.path / "report.md"
         report.write_text(render(main, baselines, verdict_lines, run_dir, stage.path, cfg.report.teacher_note,
                                  has_curves, task_distillation_lines(task_distilled), accuracy_latency_lines(points)))
-        stage.update(baselines=[str(p) for p in baseline_dirs], verdict=verdict_lines,
+        stage.update(baselines=[str(each.path) for each in baseline_dirs], verdict=verdict_lines,
                      downstream_comparisons=comparisons, accuracy_latency=points,
                      task_distillation=[{"run": entry["run"]["name"], "labels": entry["labels"],
                                          "distilled": entry["distilled"], "comparison": entry["comparison"]}

@@ -28,15 +28,14 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
 from distilbert_cli.logs import distributed_state
 from distilbert_cli.models.families import find_family
 from distilbert_cli.models.loading import load_masked_lm, load_tokenizer
 from distilbert_cli.models.run_models import resolve_models
-from distilbert_cli.rundir import fingerprint, open_stage, require_complete, write_json_atomic
+from distilbert_cli.rundir import Run, fingerprint, write_json_atomic
+from distilbert_cli.schema import TaskDistill
 from distilbert_cli.tasks import get_task
 from distilbert_cli.tasks.base import SequenceClassificationTask
 from distilbert_cli.tasks.distillation import build_transfer_set, check_loss, distill_one
@@ -52,11 +51,11 @@ def source_fingerprint(name_or_path: str) -> str:
     return fingerprint(path) if path.exists() else name_or_path
 
 
-def teacher_source(cfg: DictConfig, task) -> tuple[str, bool]:
+def teacher_source(cfg: TaskDistill, run_dir: Run, task) -> tuple[str, bool]:
     """The teacher's directory, and whether it is the run's own (finetune/teacher/<task>/seed-<seed>/model)."""
     if cfg.task_distill.teacher != "teacher":
         return str(cfg.task_distill.teacher), False
-    finetune_dir = require_complete(cfg.run_dir, artifacts.FINETUNE)
+    finetune_dir = run_dir.require(artifacts.FINETUNE)
     run = artifacts.FinetuneRun.of(finetune_dir, "teacher", task.name, cfg.seed)
     if not run.model.is_dir():
         raise UsageError(f"task_distill.teacher=teacher: the run's finetune stage has no fine-tuned teacher at "
@@ -65,13 +64,13 @@ def teacher_source(cfg: DictConfig, task) -> tuple[str, bool]:
     return str(run.model), True
 
 
-def transfer_settings(cfg: DictConfig, task, teacher: str | None, masked_lm: str | None) -> dict:
+def transfer_settings(cfg: TaskDistill, task, teacher: str | None, masked_lm: str | None) -> dict:
     """What the transfer set depends on: a reused one must have been built from the same."""
     data = [source_fingerprint(str(path)) for path in task.local_files(cfg.task, ("train",)).values()]
     return {"task": task.name, "data": data or task.describe_data(cfg.task),
             "max_train_samples": cfg.task_distill.max_train_samples,
-            "encoding": {key: cfg.task[key] for key in ("max_seq_length", "truncation", "head_tokens")},
-            "augment": OmegaConf.to_container(cfg.augment, resolve=True), "seed": cfg.seed,
+            "encoding": cfg.task.model_dump(include={"max_seq_length", "truncation", "head_tokens"}),
+            "augment": cfg.augment.model_dump(), "seed": cfg.seed,
             "teacher": source_fingerprint(teacher) if teacher is not None else None,
             "masked_lm": source_fingerprint(masked_lm) if masked_lm is not None else None}
 
@@ -89,7 +88,7 @@ def reused_transfer(path: Path, settings: dict) -> dict:
     return info
 
 
-def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
+def run(cfg: TaskDistill, overrides: Sequence[str] = ()) -> dict:
     """Build (or reuse) the transfer set and distill the student for every seed; return {seed: task score}."""
     from accelerate import Accelerator
     from datasets import load_from_disk
@@ -104,18 +103,19 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     check_loss(plan, task)
     if distributed_state().num_processes > 1:
         raise UsageError("task-distill runs in one process (the CPU or one GPU); launch it without accelerate/torchrun")
-    (student,) = resolve_models(cfg.run_dir, [td.student], "task_distill.student")
+    run_dir = Run.of(cfg)
+    (student,) = resolve_models(run_dir, [td.student], "task_distill.student")
     student_config = check_task_model(student.source, task, "student", trust)
     if td.intermediate.epochs > 0 and find_family(student_config) is None:
         raise UsageError(f"task_distill.intermediate matches transformer layers; the student is a "
                          f"{student_config.model_type!r} model (set task_distill.intermediate.epochs=0)")
     needs_teacher = plan.uses_teacher or td.intermediate.epochs > 0
-    teacher, own_teacher = teacher_source(cfg, task) if needs_teacher else (None, False)
+    teacher, own_teacher = teacher_source(cfg, run_dir, task) if needs_teacher else (None, False)
     if teacher is not None:
         check_task_model(teacher, task, "teacher", trust)
     masked_lm = None
     if cfg.augment.method == "tinybert":
-        masked_lm = (artifacts.recorded_teacher(cfg.run_dir) if cfg.augment.masked_lm == "teacher"
+        masked_lm = (artifacts.recorded_teacher(run_dir) if cfg.augment.masked_lm == "teacher"
                      else str(cfg.augment.masked_lm))
     tokenizer = load_tokenizer(teacher or student.source, trust, role="teacher tokenizer")
     if teacher is not None and load_tokenizer(student.source, trust).get_vocab() != tokenizer.get_vocab():
@@ -124,13 +124,13 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     settings = transfer_settings(cfg, task, teacher if plan.uses_teacher else None, masked_lm)
     reused = reused_transfer(Path(td.transfer_set), settings) if td.transfer_set is not None else None
 
-    with open_stage(cfg, artifacts.TASK_DISTILL, overrides,
-                    unfingerprinted=artifacts.UNFINGERPRINTED[artifacts.TASK_DISTILL]) as stage:
+    with run_dir.open_stage(artifacts.TASK_DISTILL, cfg, overrides,
+                            unfingerprinted=artifacts.UNFINGERPRINTED[artifacts.TASK_DISTILL]) as stage:
         out = artifacts.TaskDistillOutputs(stage.path)
         if own_teacher:
-            stage.use_stage(cfg.run_dir, artifacts.FINETUNE, reads=f"teacher/{task.name}/*")
+            stage.use_stage(artifacts.FINETUNE, reads=f"teacher/{task.name}/*")
         if student.stage is not None:
-            stage.use_stage(cfg.run_dir, student.stage)
+            stage.use_stage(student.stage)
         stage.use_model(student.source, "student")
         if teacher is not None:
             stage.use_model(teacher, "teacher")

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
 from distilbert_cli.logs import distributed_state
-from distilbert_cli.rundir import open_stage, require_complete, temporary_path, write_json_atomic
+from distilbert_cli.rundir import Run, temporary_path, write_json_atomic
 from distilbert_cli.training import setup
 from distilbert_cli.training.loop import train
 from distilbert_cli.training.losses import LossPlan
@@ -62,8 +62,9 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
 
     plan = LossPlan.from_config(cfg.loss)
     accumulation = setup.accumulation_steps(cfg, distributed_state().num_processes)
+    run_dir = Run.of(cfg)
     for stage_name in (artifacts.PREPARE_DATA, artifacts.INIT_STUDENT):  # a missing input leaves no stage behind
-        require_complete(cfg.run_dir, stage_name)
+        run_dir.require(stage_name)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
     # DDP must not wait for gradients of a head that no loss uses, or of parameters a stage freezes.
@@ -73,8 +74,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)])
     set_seed(cfg.seed, deterministic=cfg.train.deterministic)
 
-    with open_stage(cfg, artifacts.DISTILL, overrides, keep_partial=True,
-                    unfingerprinted=artifacts.UNFINGERPRINTED[artifacts.DISTILL]) as stage:
+    with run_dir.open_stage(artifacts.DISTILL, cfg, overrides, keep_partial=True,
+                            unfingerprinted=artifacts.UNFINGERPRINTED[artifacts.DISTILL]) as stage:
         out = artifacts.DistillOutputs(stage.path)
         distillation = setup.build(cfg, stage, accelerator, plan, accumulation)
         tracker = setup.open_tracker(cfg, stage.path, accelerator.is_main_process)

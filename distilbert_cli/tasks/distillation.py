@@ -108,7 +108,7 @@ def intermediate_plan(cfg: DictConfig) -> LossPlan:
     weights of `task_distill.intermediate`."""
     from distilbert_cli.training.losses import LOSS_TERMS
 
-    weights = {name: float(cfg[f"alpha_{name}"]) if name in INTERMEDIATE_TERMS else 0.0 for name in LOSS_TERMS}
+    weights = {name: getattr(cfg, f"alpha_{name}") if name in INTERMEDIATE_TERMS else 0.0 for name in LOSS_TERMS}
     return LossPlan(weights, temperature=1.0, restrict_ce_to_mask=False, teacher_layer=None, relation_heads=None)
 
 

@@ -88,7 +88,7 @@ class TextTask(SequenceClassificationTask):
         """The hub split name or the local file of `split`."""
         if not self.own_data:
             return split if settings.data_dir is None else str(find_file(Path(settings.data_dir).expanduser(), split))
-        source = settings.data[split]
+        source = getattr(settings.data, split)
         if source is None:
             where = "split names of task.data.hub" if settings.data.hub else "local .csv/.tsv/.jsonl/.parquet files"
             raise UsageError(f"task {self.name} needs task.data.{split} ({where})")
@@ -111,7 +111,7 @@ class TextTask(SequenceClassificationTask):
         if not self.own_data:
             return f"local {self.title} files in `{settings.data_dir}`"
         splits = ("train", *self.eval_splits(settings))
-        return "local files " + ", ".join(f"`{settings.data[split]}`" for split in splits)
+        return "local files " + ", ".join(f"`{getattr(settings.data, split)}`" for split in splits)
 
     # ---- reading
     def load(self, settings, splits: Sequence[str], label_names: Sequence[str] | None = None) -> TaskData:

@@ -211,8 +211,8 @@ class LossPlan:
     @classmethod
     def from_config(cls, loss_cfg) -> LossPlan:
         """The plan of a (schema-checked) `loss` config section."""
-        weights = {name: float(loss_cfg[f"alpha_{name}"]) for name in LOSS_TERMS}
-        return cls(weights, float(loss_cfg.temperature), bool(loss_cfg.restrict_ce_to_mask), loss_cfg.teacher_layer,
+        weights = {name: getattr(loss_cfg, f"alpha_{name}") for name in LOSS_TERMS}
+        return cls(weights, loss_cfg.temperature, loss_cfg.restrict_ce_to_mask, loss_cfg.teacher_layer,
                    loss_cfg.relation_heads)
 
     def uses(self, name: str) -> bool:

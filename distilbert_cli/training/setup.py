@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -149,16 +149,16 @@ def open_tracker(cfg: DictConfig, stage_dir: Path, is_main: bool):
     import wandb
 
     return wandb.init(project=cfg.logger.project, mode=cfg.logger.mode, dir=str(stage_dir),
-                      config=OmegaConf.to_container(cfg, resolve=True))
+                      config=cfg.model_dump(mode="json"))
 
 
 def build(cfg: DictConfig, stage: Stage, accelerator, plan: LossPlan, accumulation: int) -> Distillation:
     """Read the inputs, check them against each other, then load the models and restore the resume point."""
     from transformers import AutoModelForMaskedLM, get_linear_schedule_with_warmup
 
-    prepared = PreparedData(stage.use_stage(cfg.run_dir, artifacts.PREPARE_DATA))
-    init_dir = stage.use_stage(cfg.run_dir, artifacts.INIT_STUDENT)
-    init = artifacts.init_student_facts(cfg.run_dir)
+    prepared = PreparedData(stage.use_stage(artifacts.PREPARE_DATA))
+    init_dir = stage.use_stage(artifacts.INIT_STUDENT)
+    init = artifacts.init_student_facts(stage.run)
     out = DistillOutputs(stage.path)
     checkpoint = resume_checkpoint(cfg.train.resume, out)
     if checkpoint is None and accelerator.is_main_process:
@@ -201,10 +201,10 @@ def build(cfg: DictConfig, stage: Stage, accelerator, plan: LossPlan, accumulati
 
     # What must not change across a resume
     resume_state = {
-        "seed": cfg.seed, "loss": OmegaConf.to_container(cfg.loss), "masking": OmegaConf.to_container(cfg.masking),
-        "optim": OmegaConf.to_container(cfg.optim), "mixed_precision": cfg.train.mixed_precision,
+        "seed": cfg.seed, "loss": cfg.loss.model_dump(), "masking": cfg.masking.model_dump(),
+        "optim": cfg.optim.model_dump(), "mixed_precision": cfg.train.mixed_precision,
         "progressive_transfer": cfg.train.progressive_transfer, "head_only_steps": cfg.train.head_only_steps,
-        "batch": {k: cfg.batch[k] for k in ("global_batch_size", "micro_batch_size", "group_window")},
+        "batch": cfg.batch.model_dump(include={"global_batch_size", "micro_batch_size", "group_window"}),
         "world_size": world_size, "total_steps": steps,
         "inputs": {entry["stage"]: entry["fingerprint"] for entry in stage.inputs if "stage" in entry},
     }

@@ -59,7 +59,7 @@ class TaskLossPlan:
     @classmethod
     def from_config(cls, loss_cfg, regression: bool) -> TaskLossPlan:
         """The plan of a (schema-checked) `task_distill.loss` section for a classification or regression task."""
-        return cls({name: float(loss_cfg[f"alpha_{name}"]) for name in TASK_LOSS_TERMS}, float(loss_cfg.temperature),
+        return cls({name: getattr(loss_cfg, f"alpha_{name}") for name in TASK_LOSS_TERMS}, loss_cfg.temperature,
                    regression)
 
     @property

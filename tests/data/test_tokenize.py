@@ -158,8 +158,8 @@ def test_two_processes_tokenize_adversarial_text_like_the_tokenizer(tmp_path, ti
     documents = _nasty_documents(400, seed=4) + [sentence(70, offset) for offset in range(40)]
     cfg = compose_config("prepare_data", ["prepare.batch_size=20", "prepare.max_seq_length=32",
                                           "prepare.min_seq_length=4"])
-    rows = tokenize_corpus(Dataset.from_dict({"text": documents}), tokenizer, DocumentEncoder(tokenizer), cfg, tmp_path,
-                           num_proc=2)
+    rows = tokenize_corpus(Dataset.from_dict({"text": documents}), tokenizer, DocumentEncoder(tokenizer), cfg.prepare,
+                           tmp_path, num_proc=2)
 
     def plain(texts):  # the tokenizer itself, document by document, no memo
         ids = tokenizer(texts.to_pylist(), add_special_tokens=False)["input_ids"]

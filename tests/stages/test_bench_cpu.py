@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from builders import GLUE_DIR, build_tiny_bert, build_tiny_distilbert
+from builders import GLUE_DIR, build_tiny_bert, build_tiny_distilbert, open_stage
 from typer.testing import CliRunner
 
 from distilbert_cli.bench import backends, measure, workload
@@ -17,7 +17,7 @@ from distilbert_cli.config import compose_config
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models.loading import load_tokenizer
 from distilbert_cli.models.run_models import ModelChoice
-from distilbert_cli.rundir import open_stage, read_manifest
+from distilbert_cli.rundir import read_manifest
 from distilbert_cli.stages import bench_cpu
 
 runner = CliRunner()

@@ -9,14 +9,14 @@ import json
 
 import numpy as np
 import pytest
-from builders import GLUE_DIR, MNLI_DIR, REVIEWS_DIR, SQUAD_DIR, build_tiny_bert, build_tiny_distilbert
+from builders import GLUE_DIR, MNLI_DIR, REVIEWS_DIR, SQUAD_DIR, build_tiny_bert, build_tiny_distilbert, open_stage
 from scipy.stats import rankdata
 from typer.testing import CliRunner
 
 from distilbert_cli.cli import app
 from distilbert_cli.config import compose_config
 from distilbert_cli.models.run_models import ModelChoice, resolve_models
-from distilbert_cli.rundir import open_stage, read_manifest
+from distilbert_cli.rundir import Run, read_manifest
 from distilbert_cli.stages import evaluate, finetune
 from distilbert_cli.tasks import get_task, glue
 
@@ -92,7 +92,7 @@ def test_a_model_directory_named_student_is_not_taken_for_the_runs_student(tmp_p
     cfg = compose_config("finetune", [f"finetune.models=[{tiny_models['student']},teacher]", f"run_dir={tmp_path}"])
     with open_stage(compose_config("init_student", [f"run_dir={tmp_path}"]), "init-student") as stage:
         stage.update(teacher="bert-base-uncased")
-    assert resolve_models(cfg.run_dir, cfg.finetune.models, "finetune.models") == [
+    assert resolve_models(Run.of(cfg), cfg.finetune.models, "finetune.models") == [
         ModelChoice("model-student", str(tiny_models["student"]), "other"),
         ModelChoice("teacher", "bert-base-uncased", "teacher", "init-student")]  # the teacher init-student recorded
 
@@ -100,8 +100,8 @@ def test_a_model_directory_named_student_is_not_taken_for_the_runs_student(tmp_p
 def test_a_model_entry_can_be_named(tmp_path, tiny_models):
     odd = tmp_path / "a:b"  # an existing path with a colon stays a path
     odd.mkdir()
-    assert resolve_models(tmp_path, [f"lstm:{tiny_models['student']}", str(odd), f"student:{tiny_models['teacher']}"],
-                          "bench.models") == [
+    entries = [f"lstm:{tiny_models['student']}", str(odd), f"student:{tiny_models['teacher']}"]
+    assert resolve_models(Run(tmp_path), entries, "bench.models") == [
         ModelChoice("lstm", str(tiny_models["student"]), "other"), ModelChoice("a:b", str(odd), "other"),
         ModelChoice("model-student", str(tiny_models["teacher"]), "other")]  # never taken for the run's own
 

@@ -16,6 +16,7 @@ from distilbert_cli.cli import app
 from distilbert_cli.config import compose_config
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models.loading import count_parameters
+from distilbert_cli.rundir import Run
 from distilbert_cli.stages.init_student import run
 
 SENTENCES = ["the city is large", "a small model was born in the river city during the war"]
@@ -87,7 +88,7 @@ def test_manifest_records_the_student_and_the_model_loads_in_a_fill_mask_pipelin
     model_dir, manifest = init_student(run_dir, tiny_teacher)
     assert (model_dir / "model.safetensors").is_file()
     assert manifest["status"] == "complete"
-    assert recorded_teacher(run_dir) == manifest["teacher"] == str(tiny_teacher.resolve())
+    assert recorded_teacher(Run(run_dir)) == manifest["teacher"] == str(tiny_teacher.resolve())
     assert manifest["teacher_has_mlm_head"] is True
     assert (manifest["strategy"], manifest["student_arch"]) == ("every_other", "distilbert")
     assert manifest["fold_token_type_embeddings"] is True and manifest["copied_mlm_head_transform"] is True

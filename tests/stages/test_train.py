@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from builders import build_tiny_bert, tiny_vocab, write_corpus
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from train_worker import gradients_file, recording_build, save_then_stop
 from typer.testing import CliRunner
@@ -105,7 +104,7 @@ def test_triple_loss_end_to_end_through_the_cli(run_dir):
     splits, counts = load_prepared(prepared)
     cfg = compose_config("train", TINY)
     for exponent, figures in ((0.7, validation["student"]), (0.0, validation["student"]["uniform"])):
-        masking = OmegaConf.merge(cfg.masking, {"smoothing_exponent": exponent})
+        masking = cfg.masking.model_copy(update={"smoothing_exponent": exponent})
         spec = masking_spec(masking, AutoTokenizer.from_pretrained(prepared.tokenizer), counts,
                             final.config.vocab_size)
         batches = validation_batches(splits["validation"], spec, cfg.validation.max_sequences,
