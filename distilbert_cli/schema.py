@@ -51,6 +51,10 @@ class Teacher(Group):
     name_or_path: str | None  # train: null = the teacher init-student recorded
 
 
+class TrainTeacher(Teacher):
+    dtype: Literal["auto", "fp32", "bf16", "fp16"]  # auto: the type of train.mixed_precision
+
+
 class QuestionAnswering(Group):
     max_seq_length: PositiveInt
     doc_stride: PositiveInt
@@ -258,6 +262,7 @@ class TrainSettings(Group):
     mixed_precision: Precision
     compile: bool
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"]
+    gradient_checkpointing: bool
     deterministic: bool
     max_bad_steps: NonNegativeInt
     progressive_transfer: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # share of the steps; 0: off
@@ -284,7 +289,7 @@ class Train(Common):
     batch: Batch
     optim: Optim
     logger: Annotated[WandbLogger | NoLogger, Field(discriminator="name")]
-    teacher: Teacher
+    teacher: TrainTeacher
     masking: Masking
     train: TrainSettings
     validation: Validation

@@ -240,3 +240,23 @@ def open_stage(cfg, stage: str, overrides=(), **kwargs):
     from distilbert_cli.rundir import Run
 
     return Run.of(cfg).open_stage(stage, cfg, overrides, **kwargs)
+
+
+def inject_non_finite_losses(monkeypatch, steps=None) -> None:
+    """Make every loss term of the micro batches of the given (1-based) optimizer `steps` NaN (None: of every step),
+    in whichever stage trains: the engine's step sees what a diverging model would give it."""
+    from distilbert_cli.training import engine
+
+    real_train_step = engine.train_step
+
+    def train_step(job, settings, state, accelerator, loader, metrics, step):
+        if steps is not None and step + 1 not in steps:
+            return real_train_step(job, settings, state, accelerator, loader, metrics, step)
+        real_loss = job.loss
+        job.loss = lambda batch: {name: value * float("nan") for name, value in real_loss(batch).items()}
+        try:
+            return real_train_step(job, settings, state, accelerator, loader, metrics, step)
+        finally:
+            job.loss = real_loss
+
+    monkeypatch.setattr(engine, "train_step", train_step)

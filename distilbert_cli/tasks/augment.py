@@ -33,8 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from distilbert_cli.tasks.base import TEXT_COLUMNS
+from distilbert_cli.training.batches import derived_seed
 from distilbert_cli.training.distiller import MaskedLMRows
-from distilbert_cli.training.masking import derived_seed
 
 log = logging.getLogger(__name__)
 

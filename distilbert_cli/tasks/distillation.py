@@ -32,7 +32,8 @@ from distilbert_cli.tasks.finetuning import (
     predict,
     training_schedule,
 )
-from distilbert_cli.training.distiller import MaskedLMRows, distillation_losses, layer_pairs, to_device
+from distilbert_cli.training.batches import to_device
+from distilbert_cli.training.distiller import MaskedLMRows, distillation_losses, layer_pairs
 from distilbert_cli.training.losses import LossPlan
 from distilbert_cli.training.task_losses import TaskLossPlan, compute_task_losses
 

@@ -1,15 +1,16 @@
-"""Checkpoints of the distill stage and exact resume.
+"""Checkpoints of every training stage and exact resume.
 
-A checkpoint is `checkpoints/step-N/`, and nothing in it needs unpickling (so loading one cannot run code):
-- `model.safetensors`: the trained module (the student, and the hidden-state projection when there is one);
+A checkpoint is `<checkpoints>/step-N/`, and nothing in it needs unpickling (so loading one cannot run code):
+- `model.safetensors`: the trained module (the student, and the learned projections when there are any);
 - `optimizer.safetensors`: the optimizer's tensors (AdamW's moments and step counts), its param groups as JSON in
   the file's metadata;
 - `scheduler.json` (and `grad_scaler.json` under fp16): the learning-rate schedule's state;
 - `trainer_state.json`: the step (which is also the data position), tokens seen, skipped steps, the metrics summed
-  since the last log line, and the settings that change the maths.
+  since the last log line, where model selection stands, and the settings that change the maths.
 No RNG state: every micro batch reseeds its masks and dropout from (seed, micro-batch number). The checkpoint is
-written under a temporary name and renamed once complete. A checkpoint of the old pickle format (Accelerate's
-`*.bin` / `*.pkl`) is refused, and an unreadable file is one line naming it.
+written under a temporary name and renamed once complete. With evaluation on a validation split, the best model
+so far is kept apart in `<checkpoints>/best/`. A checkpoint of the old pickle format (Accelerate's `*.bin` /
+`*.pkl`) is refused, and an unreadable file is one line naming it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from distilbert_cli.artifacts import DistillOutputs
 from distilbert_cli.errors import UsageError, unreadable
 from distilbert_cli.rundir import temporary_path
 
@@ -32,41 +32,54 @@ OPTIMIZER = "optimizer.safetensors"
 SCHEDULER = "scheduler.json"
 GRAD_SCALER = "grad_scaler.json"
 TRAINER_STATE = "trainer_state.json"
+BEST = "best"  # the best model on the validation split, beside the step-N checkpoints
 _PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 
 
 @dataclass
 class TrainerState:
-    """Where training stands: steps done (the data position), real tokens seen, updates skipped, and the metrics
-    window still open (MetricsLog.window: summed loss terms per process since the last log line; None if empty)."""
+    """Where training stands: steps done (the data position), real tokens seen, updates skipped, the metrics window
+    still open (MetricsLog.window: summed loss terms per process since the last log line; None if empty), and model
+    selection on the validation split (the best score and its step, evaluations since it improved, whether training
+    stopped early)."""
 
     step: int = 0
     tokens_seen: int = 0
     bad_steps: int = 0
     log_window: dict | None = None
+    best_score: float | None = None
+    best_step: int | None = None
+    stale_evaluations: int = 0
+    stopped_early: bool = False
 
 
-def checkpoints(out: DistillOutputs) -> list[Path]:
+def step_dir(checkpoints_dir: Path, step: int) -> Path:
+    return checkpoints_dir / f"step-{step}"
+
+
+def checkpoints(checkpoints_dir: Path) -> list[Path]:
     """Complete checkpoints (a partial one still has its temporary name), oldest first."""
-    found = [p for p in out.checkpoints.glob("step-*") if (p / TRAINER_STATE).is_file()]
+    found = [p for p in checkpoints_dir.glob("step-*") if (p / TRAINER_STATE).is_file()]
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
-def resume_checkpoint(resume: str, out: DistillOutputs) -> Path | None:
-    """The checkpoint `train.resume` names: None for never (or auto without one), the latest for auto."""
+def resume_checkpoint(resume: str, checkpoints_dir: Path) -> Path | None:
+    """The checkpoint a `resume` setting gives the run whose checkpoints are in `checkpoints_dir`: None for never
+    (or auto without one), the latest for auto; a checkpoint directory when it is this run's, else this run's
+    latest (the setting names the checkpoint of another run of the stage)."""
     if resume == "never":
         return None
-    if resume == "auto":
-        found = checkpoints(out)
-        return found[-1] if found else None
-    return Path(resume)
+    if resume != "auto" and Path(resume).resolve().parent == checkpoints_dir.resolve():
+        return Path(resume)
+    found = checkpoints(checkpoints_dir)
+    return found[-1] if found else None
 
 
-def clear_earlier_attempt(out: DistillOutputs, resume: str) -> None:
-    """Starting over: remove what an interrupted attempt left (checkpoints, final student, metrics)."""
-    for path in (out.checkpoints, out.final, out.metrics):
+def clear_earlier_attempt(paths: list[Path], setting: str) -> None:
+    """Starting over: remove what an interrupted attempt left (its checkpoints, final model, metrics)."""
+    for path in paths:
         if path.exists():
-            log.warning("train.resume=%s: removing %s of an earlier attempt", resume, path)
+            log.warning("%s: removing %s of an earlier attempt", setting, path)
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
@@ -86,12 +99,13 @@ def _read_json(path: Path):
     return _read(path, lambda p: json.loads(p.read_text()))
 
 
-def read_checkpoint(checkpoint: Path, resume_state: dict) -> TrainerState:
+def read_checkpoint(checkpoint: Path, resume_state: dict, setting: str) -> TrainerState:
     """The trainer state saved with `checkpoint`, after checking that its files are there and that the settings
-    that change the maths (loss, masking, batch, optimiser, schedule, data, seed) are the checkpoint's."""
+    that change the maths (loss, masking, batch, optimiser, schedule, data, seed) are the checkpoint's. `setting`
+    names the resume setting (train.resume, finetune.resume...) in the errors."""
     if pickles := sorted(p.name for p in checkpoint.iterdir() if p.suffix in _PICKLE_SUFFIXES):
         raise UsageError(f"{checkpoint} is in the old pickle format ({', '.join(pickles)}), which is not loaded "
-                         "because unpickling can run code: pass train.resume=never to start over")
+                         f"because unpickling can run code: pass {setting}=never to start over")
     for name in (MODEL, OPTIMIZER, SCHEDULER):
         if not (checkpoint / name).is_file():
             raise unreadable(checkpoint / name, "missing")
@@ -105,7 +119,7 @@ def read_checkpoint(checkpoint: Path, resume_state: dict) -> TrainerState:
     if differing:
         changes = ", ".join(f"{k}: {saved_flat.get(k)!r} -> {current_flat.get(k)!r}" for k in differing)
         raise UsageError(f"cannot resume from {checkpoint}: settings differ from the checkpoint ({changes}); "
-                         "restore them or pass train.resume=never to start over")
+                         f"restore them or pass {setting}=never to start over")
     return TrainerState(**{field.name: saved[field.name] for field in fields(TrainerState)})
 
 
@@ -140,28 +154,48 @@ def _load_optimizer(path: Path) -> dict:
     return {"state": state, "param_groups": param_groups}
 
 
-def save_checkpoint(accelerator, out: DistillOutputs, state: TrainerState, resume_state: dict, keep_last: int,
-                    model, optimizer, scheduler) -> None:
-    """Model, optimizer and scheduler states plus trainer_state.json under a temporary name, renamed to
-    checkpoints/step-N once complete; only the last `keep_last` are kept. The main process writes (the states
-    are the same on every process)."""
+def _write_directory(final: Path, write) -> None:
+    """`write(folder)` into a temporary folder, renamed to `final` once complete (replacing it)."""
+    tmp = temporary_path(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _save_weights(accelerator, model, folder: Path) -> None:
     from safetensors.torch import save_model
 
-    if accelerator.is_main_process:
-        final = out.checkpoint(state.step)
-        tmp = temporary_path(final)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_model(accelerator.unwrap_model(model), str(tmp / MODEL))
-        _save_optimizer(optimizer.state_dict(), tmp / OPTIMIZER)
-        (tmp / SCHEDULER).write_text(json.dumps(scheduler.state_dict()))
+    save_model(accelerator.unwrap_model(model), str(folder / MODEL))
+
+
+def _load_weights(accelerator, model, folder: Path) -> None:
+    from safetensors.torch import load_model
+
+    device = accelerator.device  # safetensors takes "cpu", not the "cpu:0" of a multi-process CPU run
+    _read(folder / MODEL, lambda p: load_model(accelerator.unwrap_model(model), p, strict=True,
+                                               device="cpu" if device.type == "cpu" else str(device)))
+
+
+def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainerState, resume_state: dict, keep_last: int,
+                    model, optimizer, scheduler) -> None:
+    """Model, optimizer and scheduler states plus trainer_state.json under a temporary name, renamed to
+    <checkpoints_dir>/step-N once complete; only the last `keep_last` are kept. The main process writes (the
+    states are the same on every process)."""
+    def write(folder: Path) -> None:
+        _save_weights(accelerator, model, folder)
+        _save_optimizer(optimizer.state_dict(), folder / OPTIMIZER)
+        (folder / SCHEDULER).write_text(json.dumps(scheduler.state_dict()))
         if accelerator.scaler is not None:
-            (tmp / GRAD_SCALER).write_text(json.dumps(accelerator.scaler.state_dict()))
-        (tmp / TRAINER_STATE).write_text(json.dumps({**asdict(state), "resume_state": resume_state}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoints(out)[:-keep_last]:
+            (folder / GRAD_SCALER).write_text(json.dumps(accelerator.scaler.state_dict()))
+        (folder / TRAINER_STATE).write_text(json.dumps({**asdict(state), "resume_state": resume_state}, indent=2))
+
+    if accelerator.is_main_process:
+        final = step_dir(checkpoints_dir, state.step)
+        _write_directory(final, write)
+        for old in checkpoints(checkpoints_dir)[:-keep_last]:
             shutil.rmtree(old)
         log.info("checkpoint: %s", final)
     accelerator.wait_for_everyone()
@@ -169,12 +203,20 @@ def save_checkpoint(accelerator, out: DistillOutputs, state: TrainerState, resum
 
 def load_checkpoint(checkpoint: Path, accelerator, model, optimizer, scheduler) -> None:
     """Restore what save_checkpoint wrote into the prepared model, optimizer and scheduler (on every process)."""
-    from safetensors.torch import load_model
-
-    device = accelerator.device  # safetensors takes "cpu", not the "cpu:0" of a multi-process CPU run
-    _read(checkpoint / MODEL, lambda p: load_model(accelerator.unwrap_model(model), p, strict=True,
-                                                   device="cpu" if device.type == "cpu" else str(device)))
+    _load_weights(accelerator, model, checkpoint)
     _read(checkpoint / OPTIMIZER, lambda p: optimizer.load_state_dict(_load_optimizer(p)))
     _read(checkpoint / SCHEDULER, lambda p: scheduler.load_state_dict(json.loads(p.read_text())))
     if accelerator.scaler is not None:
         _read(checkpoint / GRAD_SCALER, lambda p: accelerator.scaler.load_state_dict(json.loads(p.read_text())))
+
+
+def save_best(accelerator, checkpoints_dir: Path, model) -> None:
+    """The model's weights as the best so far on the validation split (<checkpoints_dir>/best/)."""
+    if accelerator.is_main_process:
+        _write_directory(checkpoints_dir / BEST, lambda folder: _save_weights(accelerator, model, folder))
+    accelerator.wait_for_everyone()
+
+
+def load_best(accelerator, checkpoints_dir: Path, model) -> None:
+    """Restore the weights save_best kept (on every process)."""
+    _load_weights(accelerator, model, checkpoints_dir / BEST)

@@ -103,6 +103,3 @@ def distillation_losses(student: nn.Module, teacher: nn.Module | None, batch: di
                               logit_rows if plan.student_logits else None, **requests[0])
     return compute_losses(plan, student_outputs, teacher_outputs, batch)
 
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from distilbert_cli.training.distiller import MaskedLMRows, to_device
-from distilbert_cli.training.masking import MaskingSpec, collate_masked, derived_seed
+from distilbert_cli.training.batches import derived_seed, to_device
+from distilbert_cli.training.distiller import MaskedLMRows
+from distilbert_cli.training.masking import MaskingSpec, collate_masked
 
 
 def validation_batches(dataset, spec: MaskingSpec, max_sequences: int, batch_size: int, seed: int) -> list[dict]:

@@ -11,7 +11,7 @@ from faults.harness import TRAIN, assert_ok, copy_run, distil, prepare_args, tra
 
 from distilbert_cli.config import compose_config
 from distilbert_cli.stages import train as train_stage
-from distilbert_cli.training import loop
+from distilbert_cli.training import engine
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +49,7 @@ class Interrupted(Exception):
 def interrupted_run(tmp_path_factory, inputs_run) -> Path:
     """A distillation stopped right after its step-2 checkpoint (status failed, checkpoints/step-2 complete)."""
     run_dir = copy_run(inputs_run, tmp_path_factory.mktemp("interrupted"))
-    save = loop.save_checkpoint
+    save = engine.save_checkpoint
 
     def save_then_stop(accelerator, out, state, *args):
         save(accelerator, out, state, *args)
@@ -58,7 +58,7 @@ def interrupted_run(tmp_path_factory, inputs_run) -> Path:
 
     overrides = [*TRAIN, f"run_dir={run_dir}"]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "save_checkpoint", save_then_stop)
+        patch.setattr(engine, "save_checkpoint", save_then_stop)
         with pytest.raises(Interrupted):
             train_stage.run(compose_config("train", overrides), overrides)
     return run_dir

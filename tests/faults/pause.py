@@ -28,16 +28,16 @@ def install(phase: str, marker: Path) -> None:
 
         prepared.tokenize_corpus = lambda *args, **kwargs: hold(marker)
     elif phase.startswith("after-checkpoint-"):
-        from distilbert_cli.training import loop
+        from distilbert_cli.training import engine
 
-        step, save = int(phase.rsplit("-", 1)[1]), loop.save_checkpoint
+        step, save = int(phase.rsplit("-", 1)[1]), engine.save_checkpoint
 
         def save_then_hold(accelerator, out, state, *args):
             save(accelerator, out, state, *args)
             if state.step == step:
                 hold(marker)
 
-        loop.save_checkpoint = save_then_hold
+        engine.save_checkpoint = save_then_hold
     elif phase.startswith("inside-checkpoint-"):
         from distilbert_cli.training import checkpoint
 

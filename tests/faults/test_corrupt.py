@@ -51,7 +51,8 @@ def _pickle_beside(path: Path) -> None:  # what Accelerate's save_state(safe_ser
 @pytest.mark.parametrize(("name", "corrupt", "message"), [
     ("trainer_state.json", garbage, "trainer_state.json is unreadable (Expecting property name"),
     ("trainer_state.json", lambda p: _write(p, "{}"),
-     "trainer_state.json is unreadable (it lacks step, tokens_seen, bad_steps, log_window, resume_state)"),
+     "trainer_state.json is unreadable (it lacks step, tokens_seen, bad_steps, log_window, best_score, best_step, "
+     "stale_evaluations, stopped_early, resume_state)"),
     ("optimizer.safetensors", random_bytes, "optimizer.safetensors is unreadable (Error while deserializing header"),
     ("optimizer.safetensors", truncate, "optimizer.safetensors is unreadable (Error while deserializing header"),
     ("scheduler.json", garbage, "scheduler.json is unreadable (Expecting property name"),

@@ -5,20 +5,18 @@ starts, such as loss.temperature=nan or optim.max_grad_norm=-1, are refused by t
 from __future__ import annotations
 
 import pytest
-import torch
+from builders import inject_non_finite_losses
 from faults.harness import assert_ok, assert_refused, assert_same_weights, train
 
 from distilbert_cli.rundir import read_manifest
 from distilbert_cli.stages import train as train_stage
-from distilbert_cli.training import loop
 
 pytestmark = pytest.mark.faults
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # every update skipped
 def test_a_run_whose_every_step_was_skipped_fails(run_dir, monkeypatch):
-    monkeypatch.setattr(loop, "distillation_losses",
-                        lambda *args, **kwargs: {"loss": torch.tensor(float("nan"), requires_grad=True)})
+    inject_non_finite_losses(monkeypatch)
     assert_refused(train(run_dir, "train.max_bad_steps=100"), "error: training did no work: all 4 steps had a "
                    "non-finite loss and were skipped", stage_dir=run_dir / "distill")
     assert read_manifest(run_dir / "distill")["status"] == "failed"

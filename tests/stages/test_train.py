@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import build_tiny_bert, tiny_vocab, write_corpus
+from builders import build_tiny_bert, inject_non_finite_losses, tiny_vocab, write_corpus
 from safetensors.torch import load_file
-from train_worker import gradients_file, recording_build, save_then_stop
+from stage_worker import Stopped, gradients_file, recording_train_step, save_then_stop
 from typer.testing import CliRunner
 
 from distilbert_cli.artifacts import PreparedData
@@ -26,7 +26,7 @@ from distilbert_cli.rundir import read_manifest
 from distilbert_cli.stages import init_student as init_student_stage
 from distilbert_cli.stages import prepare_data as prepare_data_stage
 from distilbert_cli.stages import train as train_stage
-from distilbert_cli.training import checkpoint, loop, setup
+from distilbert_cli.training import engine
 from distilbert_cli.training.masking import masking_spec
 from distilbert_cli.training.mlm_eval import evaluate_mlm, validation_batches
 
@@ -115,7 +115,7 @@ def test_triple_loss_end_to_end_through_the_cli(run_dir):
 
 def stop_after_checkpoint(monkeypatch, step: int) -> None:
     """Make the run die (as if killed) right after the checkpoint of `step` is written."""
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop(checkpoint.save_checkpoint, step))
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_stop(engine.save_checkpoint, step))
 
 
 def test_resumed_run_gives_bitwise_the_same_weights(run_dir, tmp_path, monkeypatch):
@@ -125,7 +125,7 @@ def test_resumed_run_gives_bitwise_the_same_weights(run_dir, tmp_path, monkeypat
 
     with monkeypatch.context() as patch:
         stop_after_checkpoint(patch, 2)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Stopped):
             train(run_dir, "train.deterministic=true")
     assert read_manifest(run_dir / "distill")["status"] == "failed"
     with pytest.raises(UsageError, match="loss.alpha_ce: 5.0 -> 1.0"):
@@ -153,7 +153,7 @@ def test_resume_across_an_epoch_boundary_with_dataloader_workers(run_dir, tmp_pa
     train(reference, *settings, "batch.num_workers=0")
     with monkeypatch.context() as patch:
         stop_after_checkpoint(patch, 4)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Stopped):
             train(run_dir, *settings, "batch.num_workers=2")
     train(run_dir, *settings, "batch.num_workers=2", "train.resume=auto")
     assert read_manifest(run_dir / "distill")["resumed_from"].endswith("step-4")
@@ -166,7 +166,7 @@ def test_resume_across_an_epoch_boundary_with_dataloader_workers(run_dir, tmp_pa
 def test_a_fresh_run_does_not_reuse_checkpoints_of_an_interrupted_one(run_dir, monkeypatch):
     with monkeypatch.context() as patch:
         stop_after_checkpoint(patch, 2)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Stopped):
             train(run_dir, "train.max_steps=3")
     assert (run_dir / "distill" / "checkpoints" / "step-2").is_dir()
     train(run_dir, "train.max_steps=1")  # resume=never (the default) starts over from step 0
@@ -185,10 +185,7 @@ def test_mlm_only_loads_no_teacher(run_dir):
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # skipped updates
 def test_non_finite_loss_stops_with_a_clear_message(run_dir, monkeypatch):
-    def nan_losses(*args, **kwargs):
-        return {"loss": torch.tensor(float("nan"), requires_grad=True)}
-
-    monkeypatch.setattr(loop, "distillation_losses", nan_losses)
+    inject_non_finite_losses(monkeypatch)
     with pytest.raises(UsageError, match=r"training diverged: non-finite loss at 2 steps.*max_bad_steps=1"):
         train(run_dir, "train.max_bad_steps=1")
     assert read_manifest(run_dir / "distill")["status"] == "failed"
@@ -269,14 +266,14 @@ def test_two_processes_take_one_process_gradients_and_losses_and_resume_exactly(
     single = tmp_path / "single"
     shutil.copytree(run_dir, single)
     with monkeypatch.context() as patch:
-        patch.setattr(setup, "build", recording_build(setup.build, single))
+        patch.setattr(engine, "train_step", recording_train_step(engine.train_step, single))
         train(single, *settings)
     root = tmp_path / "two"
     for name in ("uninterrupted", "resumed"):
         shutil.copytree(run_dir, root / name)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(Path(__file__).resolve().parents[1] / "train_worker.py"), str(root), *TINY,
+                             str(Path(__file__).resolve().parents[1] / "stage_worker.py"), "train", str(root), *TINY,
                              *settings], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     two = root / "uninterrupted"

@@ -9,13 +9,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from distilbert_cli.training.batches import StepBatches, StepLayout, derived_seed, epoch_micro_batches
 from distilbert_cli.training.masking import (
-    DistillationBatches,
+    MaskedSequences,
     MaskingSpec,
-    StepLayout,
     collate_masked,
-    derived_seed,
-    epoch_micro_batches,
     masking_spec,
     token_probabilities,
 )
@@ -177,8 +175,8 @@ def test_masks_differ_per_micro_batch_and_per_epoch_and_not_per_resume():
     layout = StepLayout(micro_batch_size=2, accumulation=1, world_size=1, steps_per_epoch=4)
 
     def batches(start_step):
-        return DistillationBatches(data, np.full(8, 30), layout, spec(), seed=3, group_window=1, rank=0,
-                                   start_step=start_step, end_step=8)
+        return StepBatches(np.full(8, 30), layout, MaskedSequences(data, spec()), seed=3, group_window=1, rank=0,
+                           start_step=start_step, end_step=8)
 
     items = [batches(0)[j] for j in range(8)]  # two epochs of four micro batches
     assert [item["number"] for item in items] == list(range(8))
@@ -194,8 +192,8 @@ def test_masks_differ_per_micro_batch_and_per_epoch_and_not_per_resume():
     assert torch.equal(resumed["target_rows"], items[5]["target_rows"])
     assert [resumed_batches[j]["number"] for j in range(3)] == [5, 6, 7]
     # Another run seed draws other masks for the same micro batch number.
-    other_seed = DistillationBatches(data, np.full(8, 30), layout, spec(), seed=4, group_window=1, rank=0,
-                                     start_step=0, end_step=8)[0]
+    other_seed = StepBatches(np.full(8, 30), layout, MaskedSequences(data, spec()), seed=4, group_window=1, rank=0,
+                             start_step=0, end_step=8)[0]
     assert not torch.equal(other_seed["target_rows"], items[0]["target_rows"])
 
 
@@ -205,8 +203,8 @@ def test_step_tokens_count_the_real_tokens_every_process_trains_on_in_a_step():
     lengths = np.random.default_rng(0).integers(5, 40, size=24)
     data = Dataset.from_dict({"input_ids": sequences(lengths)})
     layout = StepLayout(micro_batch_size=2, accumulation=2, world_size=2, steps_per_epoch=3)  # 2 epochs in 6 steps
-    ranks = [DistillationBatches(data, lengths, layout, spec(), seed=1, group_window=2, rank=rank, start_step=0,
-                                 end_step=6) for rank in (0, 1)]
+    ranks = [StepBatches(lengths, layout, MaskedSequences(data, spec()), seed=1, group_window=2, rank=rank,
+                         start_step=0, end_step=6) for rank in (0, 1)]
     assert len(ranks[0]) == 12  # 6 steps x 2 accumulation steps
     for step in range(6):
         seen = sum(ranks[rank][step * 2 + a]["n_tokens"] for rank in (0, 1) for a in (0, 1))
