@@ -140,8 +140,12 @@ class FinetuneRun:
         return self.path / "metrics.json"
 
     @property
-    def loss_log(self) -> Path:  # task-distill: one JSON line of loss terms per logged step
+    def loss_log(self) -> Path:  # one JSON line of loss terms per logged step, and each held-out evaluation
         return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:  # the run's resume points; removed once it is finished
+        return self.path / "checkpoints"
 
     def official_predictions(self, split: str) -> Path:
         """A split's predictions in the task's official format (SQuAD: {question id: answer text})."""
@@ -184,9 +188,11 @@ def finetuned_models(finetune_dir: Path) -> list[str]:
 
 
 # stats.json, finetune's and task-distill's metrics.json and transfer.json hold timings; metrics.jsonl throughput;
-# checkpoints/ and wandb/ are the distill stage's own resume state and tracker files.
-UNFINGERPRINTED = {PREPARE_DATA: ("stats.json",), DISTILL: ("metrics.jsonl", "checkpoints", "wandb"),
-                   FINETUNE: ("metrics.json",), TASK_DISTILL: ("metrics.json", "transfer.json")}
+# checkpoints/ and wandb/ are the training stages' own resume state and tracker files.
+_TRAINING_RECORDS = ("metrics.jsonl", "checkpoints", "wandb")
+UNFINGERPRINTED = {PREPARE_DATA: ("stats.json",), DISTILL: _TRAINING_RECORDS,
+                   FINETUNE: ("metrics.json", *_TRAINING_RECORDS),
+                   TASK_DISTILL: ("metrics.json", "transfer.json", *_TRAINING_RECORDS)}
 FINETUNE_PREDICTIONS = f"*/{PREDICTIONS_JSONL}"  # what evaluate reads of the finetune stage
 
 

@@ -305,18 +305,34 @@ class SoftTargets(Group):
 
 
 class TaskTraining(Group):
-    """What finetune and task-distill train a task model with (tasks/finetuning.py training_schedule)."""
+    """What finetune and task-distill train a task model with (downstream/task_training.py, through the engine)."""
 
     seeds: Annotated[list[NonNegativeInt], Field(min_length=1)]
-    batch_size: PositiveInt
+    batch_size: PositiveInt  # global
+    micro_batch_size: PositiveInt | None  # per process and forward pass; null: batch_size / processes
     learning_rate: PositiveFloat
     weight_decay: NonNegativeFloat
     warmup_ratio: Fraction
     max_grad_norm: PositiveFloat | None  # null: no clipping
     max_train_samples: PositiveInt | None
     max_eval_samples: PositiveInt | None
+    mixed_precision: Precision
+    log_every: PositiveInt
+    checkpoint_every: PositiveInt
+    keep_last: PositiveInt
+    resume: str  # never | auto | a checkpoint directory
+    max_bad_steps: NonNegativeInt
+    validation_split: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]  # held out when eval_every is set
+    eval_every: PositiveInt | None  # null: no model selection, the last step's model is kept
+    early_stopping: PositiveInt | None  # evaluations without a better held-out score before stopping; null: never
 
     _distinct_seeds = field_validator("seeds")(_distinct)
+
+    @model_validator(mode="after")
+    def _selection(self):
+        if self.early_stopping is not None and self.eval_every is None:
+            raise ValueError("early_stopping counts evaluations: set eval_every too")
+        return self
 
 
 class FinetuneSettings(TaskTraining):
@@ -324,7 +340,6 @@ class FinetuneSettings(TaskTraining):
     epochs: PositiveInt
     long_tasks: list[str]
     long_task_epochs: PositiveInt
-    mixed_precision: Precision
     save_models: bool
     soft_targets: SoftTargets
 
@@ -337,6 +352,7 @@ class FinetuneSettings(TaskTraining):
 
 class Finetune(Common):
     task: Task
+    logger: Annotated[WandbLogger | NoLogger, Field(discriminator="name")]
     finetune: FinetuneSettings
 
 
@@ -381,7 +397,6 @@ class TaskDistillSettings(TaskTraining):
     teacher_batch_size: PositiveInt
     epochs: PositiveFloat | None
     max_steps: PositiveInt | None
-    log_every: PositiveInt
     loss: TaskLoss
     intermediate: IntermediateLayers
 
@@ -395,6 +410,7 @@ class TaskDistillSettings(TaskTraining):
 
 class TaskDistill(Common):
     task: Task
+    logger: Annotated[WandbLogger | NoLogger, Field(discriminator="name")]
     augment: Annotated[TinyBertAugment | TangAugment | NoAugment, Field(discriminator="method")]
     task_distill: TaskDistillSettings
 

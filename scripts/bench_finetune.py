@@ -69,10 +69,10 @@ def ours(cfg, task, data, student: Path, out: Path) -> dict:
     from accelerate import Accelerator
 
     from distilbert_cli.artifacts import FinetuneRun
-    from distilbert_cli.tasks.finetuning import finetune_one
+    from distilbert_cli.downstream.finetuning import finetune_one
 
     run = FinetuneRun(out)
-    finetune_one(cfg.finetune, cfg.task, task, data, "student", str(student), seed=1, epochs=1,
+    finetune_one(cfg.finetune, cfg.task, cfg.logger, task, data, "student", str(student), seed=1, epochs=1,
                  accelerator=Accelerator(), out=run, soft_teacher=None, trust_remote_code=False)
     metrics = json.loads(run.metrics.read_text())
     return {"features": metrics["train_features"], "seconds": metrics["train_seconds"],
@@ -83,7 +83,7 @@ def theirs(cfg, task, data, student: Path, out: Path) -> dict:
     """The transformers Trainer on the same features, model, batch size and schedule."""
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
-    from distilbert_cli.tasks.finetuning import forward_inputs, load_task_model
+    from distilbert_cli.downstream.task_models import forward_inputs, load_task_model
 
     tokenizer = AutoTokenizer.from_pretrained(student)
     model = load_task_model(str(student), task, data.label_names, False, "student")

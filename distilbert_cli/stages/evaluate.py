@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distilbert_cli import artifacts
+from distilbert_cli.downstream.prediction import encode_splits, evaluate, first_rows
+from distilbert_cli.downstream.task_models import check_length, forward_inputs, load_finetuned
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models.loading import load_config, load_tokenizer
 from distilbert_cli.rundir import Run, write_json_atomic
@@ -26,14 +28,6 @@ from distilbert_cli.schema import Evaluate
 from distilbert_cli.schema import Task as TaskSettings
 from distilbert_cli.tasks import get_task, get_tasks
 from distilbert_cli.tasks.base import Task
-from distilbert_cli.tasks.finetuning import (
-    check_length,
-    encode_splits,
-    evaluate,
-    first_rows,
-    forward_inputs,
-    load_finetuned,
-)
 from distilbert_cli.tasks.results import by_table, collect_finetuned, render_markdown, retention, summarize
 
 log = logging.getLogger(__name__)

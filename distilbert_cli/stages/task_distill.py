@@ -4,6 +4,8 @@ fine-tuned teacher's outputs on the task's training examples and augmented copie
     distil task-distill task=sst2 task.data_dir=path/to/glue_data run_dir=runs/exp1        # after distil finetune
     distil task-distill augment=tang task_distill.learning_rate=1e-3 run_dir=runs/lstm     # a BiLSTM run
     distil task-distill +experiment=tinybert_task run_dir=runs/tinybert                    # TinyBERT's two steps
+    distil task-distill task_distill.eval_every=100 task_distill.early_stopping=5 run_dir=runs/exp1  # to convergence
+    accelerate launch -m distilbert_cli task-distill task_distill.mixed_precision=bf16 run_dir=runs/exp1
 
 Reads the teacher (`task_distill.teacher`: the run's `finetune/teacher/<task>/seed-<seed>/model`, or any directory
 fine-tuned on the task), the student (`task_distill.student`: the run's distill/final, or init-student's model for a
@@ -14,7 +16,11 @@ its settings, counts, time and size in `transfer.json`; another run's can be reu
 Then trains the student on it for each of `task_distill.seeds` and scores it on dev, into
 `student/<task>/seed-<s>/` in finetune's layout (model/, predictions.jsonl, metrics.json, and the loss terms over
 the steps in metrics.jsonl): the evaluation stage (`eval.model_dirs`), bench-cpu and the report read it like a
-fine-tuned model.
+fine-tuned model. With task_distill.eval_every, a validation split is held out of the training examples before
+augmentation (so no copy of it is trained on) and the student's best weights there are kept.
+Both training steps run through the engine (training/engine.py), on several processes too (the teacher's outputs
+are computed by every process, a share each); `task_distill.resume=auto` keeps the transfer set and the finished
+students of an interrupted stage and resumes the others exactly.
 
 Classification, text-pair classification and regression tasks (GLUE, IMDb, your own data). Question answering is
 left out: word replacement moves and breaks the answer spans its labels point at, and a span teacher's outputs are
@@ -29,17 +35,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distilbert_cli import artifacts
+from distilbert_cli.downstream.prediction import VALIDATION, first_rows, hold_out
+from distilbert_cli.downstream.task_distillation import build_transfer_set, check_loss, distill_one
+from distilbert_cli.downstream.task_models import check_task_model, load_finetuned
+from distilbert_cli.downstream.task_training import accumulation_steps, completed_run
 from distilbert_cli.errors import UsageError
 from distilbert_cli.logs import distributed_state
 from distilbert_cli.models.families import find_family
 from distilbert_cli.models.loading import load_masked_lm, load_tokenizer
 from distilbert_cli.models.run_models import resolve_models
-from distilbert_cli.rundir import Run, fingerprint, write_json_atomic
+from distilbert_cli.rundir import Run, fingerprint
 from distilbert_cli.schema import TaskDistill
 from distilbert_cli.tasks import get_task
 from distilbert_cli.tasks.base import SequenceClassificationTask
-from distilbert_cli.tasks.distillation import build_transfer_set, check_loss, distill_one
-from distilbert_cli.tasks.finetuning import check_task_model, first_rows, load_finetuned
+from distilbert_cli.training.engine import check_mixed_precision, check_resume
 from distilbert_cli.training.task_losses import TaskLossPlan
 
 log = logging.getLogger(__name__)
@@ -66,9 +75,11 @@ def teacher_source(cfg: TaskDistill, run_dir: Run, task) -> tuple[str, bool]:
 
 def transfer_settings(cfg: TaskDistill, task, teacher: str | None, masked_lm: str | None) -> dict:
     """What the transfer set depends on: a reused one must have been built from the same."""
+    td = cfg.task_distill
     data = [source_fingerprint(str(path)) for path in task.local_files(cfg.task, ("train",)).values()]
     return {"task": task.name, "data": data or task.describe_data(cfg.task),
-            "max_train_samples": cfg.task_distill.max_train_samples,
+            "max_train_samples": td.max_train_samples,
+            "held_out": td.validation_split if td.eval_every is not None else None,
             "encoding": cfg.task.model_dump(include={"max_seq_length", "truncation", "head_tokens"}),
             "augment": cfg.augment.model_dump(), "seed": cfg.seed,
             "teacher": source_fingerprint(teacher) if teacher is not None else None,
@@ -91,6 +102,7 @@ def reused_transfer(path: Path, settings: dict) -> dict:
 def run(cfg: TaskDistill, overrides: Sequence[str] = ()) -> dict:
     """Build (or reuse) the transfer set and distill the student for every seed; return {seed: task score}."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
     from datasets import load_from_disk
 
     td, trust = cfg.task_distill, cfg.trust_remote_code
@@ -101,8 +113,8 @@ def run(cfg: TaskDistill, overrides: Sequence[str] = ()) -> dict:
     task.check_files(cfg.task, ("train", *task.eval_splits(cfg.task)))
     plan = TaskLossPlan.from_config(td.loss, task.is_regression)
     check_loss(plan, task)
-    if distributed_state().num_processes > 1:
-        raise UsageError("task-distill runs in one process (the CPU or one GPU); launch it without accelerate/torchrun")
+    check_mixed_precision(td.mixed_precision, "task_distill.mixed_precision")
+    check_resume(td.resume, "task_distill.resume")
     run_dir = Run.of(cfg)
     (student,) = resolve_models(run_dir, [td.student], "task_distill.student")
     student_config = check_task_model(student.source, task, "student", trust)
@@ -123,8 +135,13 @@ def run(cfg: TaskDistill, overrides: Sequence[str] = ()) -> dict:
                          "both the same token ids (a student built from this teacher does)")
     settings = transfer_settings(cfg, task, teacher if plan.uses_teacher else None, masked_lm)
     reused = reused_transfer(Path(td.transfer_set), settings) if td.transfer_set is not None else None
+    accumulation = accumulation_steps(td, "task_distill", distributed_state().num_processes)
+    # The intermediate step trains no task head (DDP must not wait for its gradients).
+    accelerator = Accelerator(mixed_precision=td.mixed_precision, gradient_accumulation_steps=accumulation,
+                              step_scheduler_with_optimizer=False, kwargs_handlers=[
+                                  DistributedDataParallelKwargs(find_unused_parameters=td.intermediate.epochs > 0)])
 
-    with run_dir.open_stage(artifacts.TASK_DISTILL, cfg, overrides,
+    with run_dir.open_stage(artifacts.TASK_DISTILL, cfg, overrides, keep_partial=td.resume != "never",
                             unfingerprinted=artifacts.UNFINGERPRINTED[artifacts.TASK_DISTILL]) as stage:
         out = artifacts.TaskDistillOutputs(stage.path)
         if own_teacher:
@@ -138,7 +155,8 @@ def run(cfg: TaskDistill, overrides: Sequence[str] = ()) -> dict:
                           td.max_eval_samples)
         if data.skipped:
             stage.update(data_problems={task.name: data.skipped})
-        accelerator = Accelerator()
+        if td.eval_every is not None:  # held out before augmentation: no copy of a held-out example is trained on
+            data = hold_out(data, td.validation_split, cfg.seed, "task_distill.validation_split")
         teacher_model = load_finetuned(teacher, task, trust, "teacher").eval() if teacher is not None else None
         if teacher_model is not None and task.model_label_names(teacher_model.config) != data.label_names:
             raise UsageError(f"the teacher {teacher} was fine-tuned on other classes: "
@@ -146,6 +164,9 @@ def run(cfg: TaskDistill, overrides: Sequence[str] = ()) -> dict:
         if reused is not None:
             transfer_dir, info = stage.use_path(td.transfer_set, "transfer set"), reused
             log.info("reusing the transfer set %s (%d rows)", transfer_dir, info["stats"]["rows"])
+        elif td.resume != "never" and out.transfer_info.is_file():  # built by an earlier attempt of this stage
+            transfer_dir, info = out.transfer, reused_transfer(out.transfer, settings)
+            log.info("keeping the transfer set an earlier attempt built (%d rows)", info["stats"]["rows"])
         else:
             language_model, mlm_tokenizer = None, tokenizer  # tang splits words with the transfer set's tokenizer
             if masked_lm is not None:
@@ -155,19 +176,22 @@ def run(cfg: TaskDistill, overrides: Sequence[str] = ()) -> dict:
                     raise UsageError(f"augment.masked_lm {masked_lm!r} has no MLM head, so its predictions would be "
                                      "random: name a masked LM (augment.masked_lm=...)")
                 mlm_tokenizer = load_tokenizer(masked_lm, trust, role="augmentation masked LM")
-            stats = build_transfer_set(task, data.splits["train"], cfg.task, cfg.augment, cfg.seed,
-                                       teacher_model if plan.uses_teacher else None, tokenizer, language_model,
-                                       mlm_tokenizer, td.teacher_batch_size, accelerator, out)
-            info = {"settings": settings, "stats": stats}
-            write_json_atomic(out.transfer_info, info)
+            info = build_transfer_set(task, data.splits["train"], cfg.task, cfg.augment, cfg.seed,
+                                      teacher_model if plan.uses_teacher else None, tokenizer, language_model,
+                                      mlm_tokenizer, td.teacher_batch_size, accelerator, out, settings)
             transfer_dir = out.transfer
-        stage.update(transfer=info)
+        stage.update(transfer=info, held_out=len(data.splits[VALIDATION]) if VALIDATION in data.splits else 0)
         transfer = load_from_disk(str(transfer_dir))
         scores = {}
         for seed in td.seeds:
-            metrics = distill_one(td, cfg.task, task, data, transfer, student.source, seed, plan, teacher_model,
-                                  accelerator, out.run(task.name, seed), trust)
-            scores[seed] = task.score(metrics)
+            run_out = out.run(task.name, seed)
+            summary = completed_run(run_out) if td.resume != "never" else None
+            if summary is None:
+                summary = distill_one(td, cfg.task, cfg.logger, task, data, transfer, student.source, seed, plan,
+                                      teacher_model, accelerator, run_out, trust)
+            else:
+                log.info("student seed %d: finished in an earlier attempt, kept", seed)
+            scores[seed] = summary["score"]
         stage.update(student=student.source, teacher=teacher, scores=scores)
         log.info("task-distilled student on %s: %s", task.name, json.dumps(scores))
     return scores

@@ -22,17 +22,19 @@ def derived_seed(*parts: int) -> int:
 
 
 def epoch_micro_batches(lengths: np.ndarray, micro_batch_size: int, seed: int, epoch: int,
-                        group_window: int) -> np.ndarray:
+                        group_window: int, fill: int | None = None) -> np.ndarray:
     """The micro batches of one epoch as an int array [n_batches, micro_batch_size] of example indices.
 
     A random permutation (from seed and epoch) is cut into windows of `group_window` micro batches; each
     window is sorted by length before being cut, so a micro batch holds examples of similar length
     (little padding), and the micro batches are then shuffled. `group_window=1` means no grouping. The
-    last examples that do not fill a micro batch are left out of this epoch.
+    last examples that do not fill a micro batch are left out of this epoch; with `fill`, the permutation is
+    instead continued from its start up to `fill` examples (a multiple of the micro batch), so every example is
+    seen in every epoch and a few twice, as torch's DistributedSampler pads.
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
-    order = order[: len(order) - len(order) % micro_batch_size]
+    order = np.resize(order, fill) if fill is not None else order[: len(order) - len(order) % micro_batch_size]
     window = np.arange(len(order)) // (micro_batch_size * group_window)
     order = order[np.lexsort((-lengths[order], window))]  # by window, then longest first within it
     batches = order.reshape(-1, micro_batch_size)
@@ -45,19 +47,28 @@ class StepLayout:
 
     Each step consumes `accumulation x world_size` consecutive micro batches of the epoch's list; within a
     step the micro batch `a x world_size + r` goes to process r at accumulation step a. The epoch's tail
-    that does not fill a step is skipped.
+    that does not fill a step is skipped, or, with `fills_last`, filled with the epoch's first examples again
+    (task data: every example is trained on in every epoch, and a task smaller than a batch still trains).
     """
 
     micro_batch_size: int
     accumulation: int
     world_size: int
     steps_per_epoch: int
+    fills_last: bool = False
 
     @classmethod
-    def of(cls, examples: int, micro_batch_size: int, accumulation: int, world_size: int) -> StepLayout:
+    def of(cls, examples: int, micro_batch_size: int, accumulation: int, world_size: int,
+           fills_last: bool = False) -> StepLayout:
         """The layout of an epoch of `examples` (a step takes micro x accumulation x world_size of them)."""
-        return cls(micro_batch_size, accumulation, world_size,
-                   examples // micro_batch_size // (accumulation * world_size))
+        per_step = micro_batch_size * accumulation * world_size
+        steps = -(-examples // per_step) if fills_last else examples // per_step
+        return cls(micro_batch_size, accumulation, world_size, steps, fills_last)
+
+    @property
+    def filled_epoch(self) -> int | None:
+        """The examples an epoch takes when its last step is filled (None: its tail is skipped)."""
+        return self.steps_per_epoch * self.global_batch_size if self.fills_last else None
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -107,7 +118,7 @@ class StepBatches(Dataset):
         if epoch != self._epoch:  # one epoch's order is kept; each DataLoader worker keeps its own
             self._epoch = epoch
             self._epoch_batches = epoch_micro_batches(self.lengths, self.layout.micro_batch_size, self.seed, epoch,
-                                                      self.group_window)
+                                                      self.group_window, self.layout.filled_epoch)
         return self._epoch_batches
 
     def __getitem__(self, item: int) -> dict:

@@ -37,6 +37,7 @@ from distilbert_cli.errors import UsageError
 from distilbert_cli.rundir import write_text_atomic
 from distilbert_cli.training.batches import StepBatches, derived_seed, to_device
 from distilbert_cli.training.checkpoint import (
+    TRAINER_STATE,
     TrainerState,
     clear_earlier_attempt,
     load_best,
@@ -105,6 +106,21 @@ class TrainingJob:
     phases: Sequence[Phase] = field(default_factory=list)  # empty: one phase, nothing to enter
     validation: Validation | None = None
     num_workers: int = 0  # DataLoader workers preparing micro batches
+    # Steps of an earlier training logged in the same metrics file (task-distill's intermediate step): this one's
+    # lines continue their numbering.
+    log_step_offset: int = 0
+
+
+def check_mixed_precision(mixed_precision: str, setting: str) -> None:
+    """fp16 needs a CUDA GPU (its loss scaling); bf16 runs on a CPU too."""
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UsageError(f"{setting}=fp16 needs a CUDA GPU (use bf16 or no on CPU)")
+
+
+def check_resume(resume: str, setting: str) -> None:
+    if resume not in ("never", "auto") and not (Path(resume) / TRAINER_STATE).is_file():
+        raise UsageError(f"{setting} must be never, auto or a checkpoint directory; {resume!r} has no "
+                         f"{TRAINER_STATE}")
 
 
 def resume_point(resume: str, checkpoints: Path, resume_state: dict, section: str, accelerator,
@@ -129,7 +145,7 @@ def restore(checkpoint: Path | None, state: TrainerState, job: TrainingJob, acce
 def fit(job: TrainingJob, settings: EngineSettings, state: TrainerState, accelerator, tracker=None) -> TrainerState:
     """Train from `state.step` to the budget (or an early stop); returns the final state. With validation, the
     model ends with the best weights it had on the validation split."""
-    metrics = MetricsLog(job.metrics, tracker, accelerator, state)
+    metrics = MetricsLog(job.metrics, tracker, accelerator, state, job.log_step_offset)
     loader = iter(DataLoader(job.batches, batch_size=None, num_workers=job.num_workers,
                              pin_memory=accelerator.device.type == "cuda"))
     phases = job.phases or [Phase(None, settings.total_steps, lambda step: None)]
@@ -214,7 +230,8 @@ def evaluate(job: TrainingJob, settings: EngineSettings, state: TrainerState, ac
     else:
         state.stale_evaluations += 1
         state.stopped_early = settings.early_stopping is not None and state.stale_evaluations >= settings.early_stopping
-    metrics.write_record({"step": state.step, "validation": found, "best_step": state.best_step})
+    metrics.write_record({"step": metrics.offset + state.step, "validation": found,
+                          "best_step": metrics.offset + state.best_step})
 
 
 def open_tracker(logger, directory: Path, name: str, config: dict, is_main: bool):
@@ -232,10 +249,11 @@ class MetricsLog:
     learning rate and the throughput (metrics.jsonl on the main process, and the tracker). A resumed run reopens
     the window its checkpoint saved, so its lines average the same micro batches as an uninterrupted run's."""
 
-    def __init__(self, path: Path, tracker, accelerator, state: TrainerState):
-        self.path, self.tracker, self.accelerator = path, tracker, accelerator
+    def __init__(self, path: Path, tracker, accelerator, state: TrainerState, offset: int = 0):
+        self.path, self.tracker, self.accelerator, self.offset = path, tracker, accelerator, offset
         if accelerator.is_main_process and path.exists():  # drop what was logged after the resumed checkpoint
-            kept = [record for record in read_jsonl(path, drop_torn_tail=True) if record["step"] <= state.step]
+            kept = [record for record in read_jsonl(path, drop_torn_tail=True)
+                    if record["step"] <= offset + state.step]
             write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
         self._restart(state)
         if state.log_window is not None:
@@ -266,7 +284,7 @@ class MetricsLog:
     def write(self, state: TrainerState, lr: float, phase: str | None) -> dict:
         means = {name: self.accelerator.reduce(total, "mean").item() / self.steps for name, total in self.sums.items()}
         seconds = time.perf_counter() - self.since
-        record = {"step": state.step, "loss": means.pop("loss"),
+        record = {"step": self.offset + state.step, "loss": means.pop("loss"),
                   **{f"loss_{name}": value for name, value in means.items()}, "lr": lr,
                   "tokens_per_s": (state.tokens_seen - self.tokens_before) / seconds, "tokens_seen": state.tokens_seen,
                   **({"stage": phase} if phase is not None else {})}

@@ -24,6 +24,7 @@ from distilbert_cli.models.loading import load_frozen_teacher, load_model, load_
 from distilbert_cli.rundir import Stage
 from distilbert_cli.training.batches import StepBatches, StepLayout
 from distilbert_cli.training.distiller import MaskedLMRows
+from distilbert_cli.training.engine import check_mixed_precision, check_resume
 from distilbert_cli.training.losses import LossPlan
 from distilbert_cli.training.masking import MaskedSequences, MaskingSpec, masking_spec, token_probabilities
 
@@ -67,12 +68,10 @@ def accumulation_steps(batch: Batch, world_size: int) -> int:
 
 
 def check_machine(train: TrainSettings, teacher: TrainTeacher) -> None:
-    """What the schema cannot know: whether this machine has what the settings need."""
-    if "fp16" in (train.mixed_precision, teacher.dtype) and not torch.cuda.is_available():
-        raise UsageError("fp16 (train.mixed_precision, teacher.dtype) needs a CUDA GPU (use bf16 or no on CPU)")
-    if train.resume not in ("never", "auto") and not (Path(train.resume) / "trainer_state.json").is_file():
-        raise UsageError(f"train.resume must be never, auto or a checkpoint directory; {train.resume!r} "
-                         "has no trainer_state.json")
+    """What the schema cannot know: whether this machine has what the settings need, and the resume checkpoint."""
+    check_mixed_precision(train.mixed_precision, "train.mixed_precision")
+    check_mixed_precision(teacher.dtype, "teacher.dtype")
+    check_resume(train.resume, "train.resume")
 
 
 def read_inputs(stage: Stage) -> Inputs:

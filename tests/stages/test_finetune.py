@@ -155,7 +155,7 @@ def assert_each_prediction_is_the_models_output_on_its_own_row(model_dir, task, 
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from distilbert_cli.tasks.finetuning import forward_inputs
+    from distilbert_cli.downstream.task_models import forward_inputs
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 from distilbert_cli.artifacts import TaskDistillOutputs, read_jsonl
 from distilbert_cli.cli import app
+from distilbert_cli.downstream.task_models import load_finetuned
 from distilbert_cli.models.loading import load_tokenizer
 from distilbert_cli.rundir import read_manifest
 from distilbert_cli.tasks import get_task
-from distilbert_cli.tasks.finetuning import load_finetuned
 
 runner = CliRunner()
 DATA = [f"task.data_dir={GLUE_DIR}", "task.max_seq_length=48"]

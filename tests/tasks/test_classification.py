@@ -10,8 +10,8 @@ import torch
 from builders import GLUE_DIR, build_tiny_bert, build_tiny_distilbert
 
 from distilbert_cli.config import compose_config
+from distilbert_cli.downstream.task_models import forward_inputs, load_task_model
 from distilbert_cli.tasks import get_task
-from distilbert_cli.tasks.finetuning import forward_inputs, load_task_model
 
 RTE, STSB = get_task("rte"), get_task("stsb")
 

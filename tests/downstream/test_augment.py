@@ -9,8 +9,8 @@ import pytest
 from builders import build_tiny_bert
 from omegaconf import OmegaConf
 
+from distilbert_cli.downstream.augment import augmentor, example_words, splice, whole_words
 from distilbert_cli.models.loading import load_masked_lm, load_tokenizer
-from distilbert_cli.tasks.augment import augmentor, example_words, splice, whole_words
 
 # Words of the tiny vocabulary that are not stop words: every one is replaceable.
 CONTENT = "history science computer student teacher model movie story music river language film team game book"
