@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,6 +65,32 @@ def save_then_stop(real_save, step: int):
         if state.step == step:
             raise Stopped
     return save
+
+
+def run_on_two_processes(stage: str, root: Path, overrides: list[str]) -> None:
+    """This worker on 2 processes (torchrun --standalone, gloo on the CPU), on ROOT/uninterrupted and ROOT/resumed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             __file__, stage, str(root), *overrides], capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def assert_first_step_gradients_match(single: Path, two: Path, min_norm: float = 0.1) -> None:
+    """Rank 0 of the 2-process run has the gradients of the 1-process run (to float tolerance), and both ranks the
+    same (averaged over the processes); they are real gradients, their norm at least `min_norm`, far above the
+    tolerance."""
+    import torch
+
+    one_process = torch.load(gradients_file(single, 0))
+    rank0, rank1 = (torch.load(gradients_file(two, rank)) for rank in (0, 1))
+    assert one_process.keys() == rank0.keys() == rank1.keys() and len(one_process) > 10
+    for name, gradient in one_process.items():
+        torch.testing.assert_close(rank0[name], gradient, rtol=1e-4, atol=1e-7, msg=lambda text, name=name:
+                                   f"{name}: {text}")
+        assert torch.equal(rank0[name], rank1[name]), name
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in one_process.values()]))
+    assert norm > min_norm, norm
 
 
 def run_stage(stage: str, run_dir: Path, overrides: list[str]) -> None:

@@ -4,7 +4,8 @@
 
 At PHASE the process creates MARKER and waits; the test polls for MARKER, then sends SIGKILL. Phases:
     tokenize               prepare-data, the corpus read into .tmp-work/, before tokenizing
-    after-checkpoint-N     train, right after checkpoints/step-N/ is in place
+    after-checkpoint-N     any training stage, right after its first checkpoint of step N is in place
+    after-checkpoint-N-K   the same at the K-th such checkpoint (finetune's runs, task-distill's two steps)
     inside-checkpoint-N    train, checkpoint N half written (.tmp-step-N/ has the model and optimizer only)
     validation             train, final/ saved, before the validation figures
 """
@@ -30,12 +31,16 @@ def install(phase: str, marker: Path) -> None:
     elif phase.startswith("after-checkpoint-"):
         from distilbert_cli.training import engine
 
-        step, save = int(phase.rsplit("-", 1)[1]), engine.save_checkpoint
+        parts = [int(part) for part in phase.removeprefix("after-checkpoint-").split("-")]
+        step, nth = parts[0], parts[1] if len(parts) > 1 else 1
+        save, seen = engine.save_checkpoint, []
 
         def save_then_hold(accelerator, out, state, *args):
             save(accelerator, out, state, *args)
             if state.step == step:
-                hold(marker)
+                seen.append(out)
+                if len(seen) == nth:
+                    hold(marker)
 
         engine.save_checkpoint = save_then_hold
     elif phase.startswith("inside-checkpoint-"):

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
+from builders import GLUE_DIR
 from faults.harness import (
     TRAIN,
     assert_ok,
@@ -22,6 +24,7 @@ from faults.harness import (
     prepare_args,
     train,
 )
+from safetensors.torch import load_file
 
 from distilbert_cli.rundir import lock_path, read_manifest
 
@@ -93,3 +96,75 @@ def test_second_prepare_data_is_refused_and_a_killed_one_reruns_to_the_same_fing
     no_temporaries(stage)
     # Byte-identical data, so the same fingerprint as the first run's (timings in stats.json are left out).
     assert read_manifest(stage)["fingerprint"] == read_manifest(inputs_run / "prepare-data")["fingerprint"]
+
+
+# ---- finetune and task-distill: the same engine, the same exact resume ------------------------------------------
+
+def finetune_args(run_dir: Path, model: Path) -> list[str]:
+    return ["finetune", f"run_dir={run_dir}", f"finetune.models=[tiny:{model}]", "task.names=[sst2]",
+            f"task.data_dir={GLUE_DIR}", "task.max_seq_length=32", "finetune.seeds=[1,2]", "finetune.epochs=1",
+            "finetune.batch_size=8", "finetune.max_train_samples=32", "finetune.max_eval_samples=8",
+            "finetune.learning_rate=1e-3", "finetune.checkpoint_every=2", "finetune.log_every=1", "logger=none"]
+
+
+def task_run_files(run: Path) -> dict:
+    """What a finished fine-tuning or task-distillation run leaves, timings aside: its weights, predictions and
+    logged losses."""
+    from distilbert_cli.artifacts import read_jsonl
+
+    return {"weights": load_file(run / "model" / "model.safetensors"),
+            "predictions": (run / "predictions.jsonl").read_text(),
+            "logged": [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_jsonl(run / "metrics.jsonl")]}
+
+
+def assert_same_run(ours: Path, theirs: Path) -> None:
+    mine, reference = task_run_files(ours), task_run_files(theirs)
+    assert mine["weights"].keys() == reference["weights"].keys()
+    for name, tensor in reference["weights"].items():
+        assert torch.equal(mine["weights"][name], tensor), name
+    assert mine["predictions"] == reference["predictions"] and mine["logged"] == reference["logged"]
+
+
+def test_a_finetune_killed_in_its_second_run_keeps_the_first_and_resumes_the_second_bit_identical(
+        tmp_path, tiny_teacher):
+    reference = tmp_path / "reference"
+    assert_ok(distil(*finetune_args(reference, tiny_teacher)))
+    run_dir = tmp_path / "run"
+    with paused("after-checkpoint-2-2", tmp_path, *finetune_args(run_dir, tiny_teacher)):
+        pass  # seed 1 finished, seed 2 checkpointed at its step 2 of 4
+    stage = run_dir / "finetune"
+    assert read_manifest(stage)["status"] == "running"
+    assert (stage / "tiny" / "sst2" / "seed-1" / "metrics.json").is_file()
+    assert (stage / "tiny" / "sst2" / "seed-2" / "checkpoints" / "step-2").is_dir()
+    result = distil(*finetune_args(run_dir, tiny_teacher), "finetune.resume=auto")
+    assert_ok(result)
+    assert "tiny sst2 seed 1: finished in an earlier attempt, kept" in result.output
+    assert "resuming from" in result.output and "step-2 at step 2" in result.output
+    for seed in (1, 2):
+        assert_same_run(stage / "tiny" / "sst2" / f"seed-{seed}", reference / "finetune" / "tiny" / "sst2" /
+                        f"seed-{seed}")
+    assert read_manifest(stage)["fingerprint"] == read_manifest(reference / "finetune")["fingerprint"]
+
+
+def test_a_task_distill_killed_in_its_prediction_step_resumes_bit_identical(tmp_path, tiny_teacher):
+    """TinyBERT's two steps, killed after the prediction step's step-2 checkpoint: the resumed run keeps the
+    transfer set, skips the finished intermediate step and ends as the uninterrupted run does."""
+    teachers = tmp_path / "teachers"
+    assert_ok(distil(*finetune_args(teachers, tiny_teacher)))
+    teacher = teachers / "finetune" / "tiny" / "sst2" / "seed-1" / "model"
+    args = ["task-distill", "task.names=[sst2]", f"task.data_dir={GLUE_DIR}", "task.max_seq_length=32",
+            f"task_distill.teacher={teacher}", f"task_distill.student={tiny_teacher}", "augment=tang",
+            "augment.copies=1", "task_distill.max_train_samples=12", "task_distill.max_eval_samples=8",
+            "task_distill.batch_size=8", "task_distill.epochs=null", "task_distill.max_steps=4",
+            "task_distill.intermediate.epochs=1", "task_distill.checkpoint_every=2", "task_distill.log_every=1",
+            "logger=none"]
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    assert_ok(distil(*args, f"run_dir={reference}"))
+    with paused("after-checkpoint-2-2", tmp_path, *args, f"run_dir={run_dir}"):
+        pass  # the intermediate step's checkpoint at step 2 came first
+    student = run_dir / "task-distill" / "student" / "sst2" / "seed-56"
+    assert (student / "checkpoints" / "prediction" / "step-2").is_dir()
+    result = distil(*args, f"run_dir={run_dir}", "task_distill.resume=auto")
+    assert_ok(result)
+    assert "keeping the transfer set an earlier attempt built" in result.output
+    assert_same_run(student, reference / "task-distill" / "student" / "sst2" / "seed-56")

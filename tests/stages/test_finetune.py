@@ -6,10 +6,15 @@ regression with soft targets."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import torch
 from builders import GLUE_DIR, MNLI_DIR, REVIEWS_DIR, SQUAD_DIR, build_tiny_bert, build_tiny_distilbert, open_stage
+from safetensors.torch import load_file
 from scipy.stats import rankdata
 from typer.testing import CliRunner
 
@@ -457,3 +462,146 @@ def test_soft_target_loss_is_weighted_by_alpha_task_and_alpha_ce(tmp_path, tiny_
     # The teacher is fine-tuned first (2 batches of 16), then the student learns from it (2 batches).
     assert losses == [3.0, 3.0, pytest.approx(0.25 * 3.0 + 0.75 * 7.0), pytest.approx(0.25 * 3.0 + 0.75 * 7.0)]
     assert temperatures == [3.0, 3.0]
+
+
+# ---- the training engine: several processes, resume, the non-finite guard, the tracker, model selection ----------
+
+ENGINE_RUN = ["task.names=[rte]", f"task.data_dir={GLUE_DIR}", "task.max_seq_length=32", "finetune.seeds=[1]",
+              "finetune.epochs=1", "finetune.batch_size=8", "finetune.micro_batch_size=4",
+              "finetune.max_train_samples=32", "finetune.max_eval_samples=13", "finetune.log_every=1",
+              "finetune.checkpoint_every=2", "finetune.max_grad_norm=null", "finetune.learning_rate=1e-3"]
+
+
+def finetune_run_dir(run_dir, name="student", task="rte", seed=1):
+    return run_dir / "finetune" / name / task / f"seed-{seed}"
+
+
+def logged_losses(run) -> list[dict]:
+    return [{k: v for k, v in line.items() if k.startswith("loss")}
+            for line in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in line]
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_like_one_accumulating_two_resume_exactly_and_score_every_dev_row_once(
+        tmp_path, tiny_models, monkeypatch):
+    """Micro batch 4 x 2 processes against micro batch 4 x accumulation 2 on 1 process: the same first-step
+    gradients and logged losses; the 2-process run stopped after its step-2 checkpoint and resumed ends bitwise
+    where it does uninterrupted; its 13 dev rows (uneven over 2 processes) are each predicted once."""
+    from stage_worker import assert_first_step_gradients_match, recording_train_step, run_on_two_processes
+
+    from distilbert_cli.training import engine
+
+    single = tmp_path / "single"
+    _fake_upstream_stages(single, tiny_models)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "train_step", recording_train_step(engine.train_step, single))
+        finetune.run(compose_config("finetune", [f"run_dir={single}", *ENGINE_RUN]))
+    root = tmp_path / "two"
+    for name in ("uninterrupted", "resumed"):
+        _fake_upstream_stages(root / name, tiny_models)
+    run_on_two_processes("finetune", root, ENGINE_RUN)
+    two = root / "uninterrupted"
+    assert_first_step_gradients_match(single, two)
+    ours, theirs = logged_losses(finetune_run_dir(two)), logged_losses(finetune_run_dir(single))
+    assert len(ours) == len(theirs) == 4
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert mine == pytest.approx(reference, rel=1e-5, abs=1e-7)
+
+    resumed, uninterrupted = (load_file(finetune_run_dir(run) / "model" / "model.safetensors")
+                              for run in (root / "resumed", two))
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
+    assert logged_losses(finetune_run_dir(root / "resumed")) == logged_losses(finetune_run_dir(two))
+    assert not (finetune_run_dir(two) / "checkpoints").exists()  # removed once the run finished
+    rows = read_predictions(two, "student", "rte", 1)
+    assert sorted(row["index"] for row in rows) == list(range(13))
+
+
+@pytest.mark.slow
+def test_two_processes_score_an_uneven_dev_set_like_one(tmp_path, tiny_models):
+    """distil evaluate under torchrun with 2 processes: 13 dev rows (7 and 6, the last batch padded by Accelerate)
+    give exactly the predictions and the score of 1 process."""
+    model_dir = tmp_path / "tuned"
+    run_dir = tmp_path / "tune"
+    _fake_upstream_stages(run_dir, tiny_models)
+    finetune.run(compose_config("finetune", [f"run_dir={run_dir}", *ENGINE_RUN]))
+    import shutil
+
+    shutil.copytree(finetune_run_dir(run_dir) / "model", model_dir)
+    common = [f"task.data_dir={GLUE_DIR}", "task.max_seq_length=32", "eval.max_samples=13", "eval.batch_size=4",
+              f"eval.model_dirs=[{model_dir}]"]
+    one = evaluate.run(compose_config("evaluate", [f"run_dir={tmp_path / 'one'}", *common]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "distilbert_cli", "evaluate", f"run_dir={tmp_path / 'two'}", *common],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "evaluate" / "results.json").read_text())
+    assert two["models"] == one["models"]
+    lines = [(tmp_path / run / "evaluate" / "model-0" / "predictions.jsonl").read_text() for run in ("one", "two")]
+    assert lines[0] == lines[1] and len(lines[0].splitlines()) == 13
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # skipped updates
+def test_a_non_finite_loss_is_skipped_and_counted_and_too_many_stop_with_one_line(tmp_path, tiny_models,
+                                                                                   monkeypatch):
+    from builders import inject_non_finite_losses
+
+    run_dir = tmp_path / "run"
+    _fake_upstream_stages(run_dir, tiny_models)
+    inject_non_finite_losses(monkeypatch, steps={2})
+    finetune.run(compose_config("finetune", [f"run_dir={run_dir}", *ENGINE_RUN]))
+    lines = [json.loads(line) for line in (finetune_run_dir(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [np.isnan(line["loss"]) for line in lines] == [False, True, False, False]
+    assert "step 2: non-finite loss nan, update skipped (1 so far)" in (run_dir / "finetune" / "log.txt").read_text()
+
+    inject_non_finite_losses(monkeypatch, steps={1, 2, 3})
+    code, output = _invoke("finetune", f"run_dir={tmp_path / 'again'}", *ENGINE_RUN,
+                           f"finetune.models=[{tiny_models['student']}]", "finetune.max_bad_steps=2")
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2 and errors == ["error: training diverged: non-finite loss at 3 steps, the last at step 3 "
+                                    "(finetune.max_bad_steps=2); lower the learning rate or check the data"]
+    assert read_manifest(tmp_path / "again" / "finetune")["status"] == "failed"
+
+
+def test_wandb_offline_files_appear_under_each_runs_folder(tmp_path, tiny_models, monkeypatch):
+    for variable in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no wandb login
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    _fake_upstream_stages(run_dir, tiny_models)
+    finetune.run(compose_config("finetune", [f"run_dir={run_dir}", *ENGINE_RUN, "logger=wandb",
+                                             "logger.mode=offline"]))
+    (offline_run,) = (finetune_run_dir(run_dir) / "wandb").glob("offline-run-*")
+    assert list(offline_run.glob("*.wandb"))
+    assert read_manifest(run_dir / "finetune")["status"] == "complete"
+
+
+def test_selection_on_the_held_out_split_never_reads_the_dev_set(tmp_path, tiny_models):
+    """The same run against a copy of RTE whose dev labels are all flipped (which would reverse any choice made on
+    them): the same held-out scores, the same chosen step and the same weights; only the dev scores differ."""
+    import shutil
+
+    flipped = tmp_path / "flipped"
+    shutil.copytree(GLUE_DIR, flipped)
+    dev = flipped / "RTE" / "dev.tsv"
+    header, *rows = dev.read_text().splitlines()
+    dev.write_text("\n".join([header, *(row.rsplit("\t", 1)[0] + "\t" + {"entailment": "not_entailment",
+                                                                          "not_entailment": "entailment"}[
+                                            row.rsplit("\t", 1)[1]] for row in rows)]) + "\n")
+    summaries = {}
+    for name, data_dir in (("real", GLUE_DIR), ("flipped", flipped)):
+        run_dir = tmp_path / name
+        _fake_upstream_stages(run_dir, tiny_models)
+        finetune.run(compose_config("finetune", [f"run_dir={run_dir}", *ENGINE_RUN, f"task.data_dir={data_dir}",
+                                                 "finetune.max_train_samples=64", "finetune.epochs=2",
+                                                 "finetune.eval_every=2", "finetune.validation_split=0.25"]))
+        summaries[name] = json.loads((finetune_run_dir(run_dir) / "metrics.json").read_text())
+    real, flip = summaries["real"], summaries["flipped"]
+    assert real["budget"] == flip["budget"] and real["validation_examples"] == 16
+    assert real["budget"]["total_steps"] == 12 and real["train_examples"] == 48  # 2 epochs of 48 in batches of 8
+    weights = [load_file(tmp_path / name / "finetune" / "student" / "rte" / "seed-1" / "model" / "model.safetensors")
+               for name in ("real", "flipped")]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    assert real["score"] == pytest.approx(100 - flip["score"])  # binary labels: every dev answer flips

@@ -176,3 +176,65 @@ def test_a_run_without_a_fine_tuned_teacher_or_with_a_foreign_student_exits_2(ru
     result = runner.invoke(app, ["task-distill", f"run_dir={runs['main']}", "task.names=[sst2]", *SMALL,
                                  f"task_distill.student={other}", "overwrite=true"])
     assert result.exit_code == 2 and "does not share the teacher's vocabulary" in result.output
+
+
+def explicit_models(main) -> list[str]:
+    """The run's student and fine-tuned SST-2 teacher named by path: a run directory needs no other stage."""
+    return [f"task_distill.student={main / 'distill' / 'final'}",
+            f"task_distill.teacher={main / 'finetune' / 'teacher' / 'sst2' / 'seed-56' / 'model'}"]
+
+
+@pytest.mark.slow
+def test_two_processes_task_distill_like_one_accumulating_two_in_both_steps_and_resume_exactly(
+        runs, tmp_path, monkeypatch):
+    """TinyBERT's two steps with micro batch 2 x 2 processes against micro batch 2 x accumulation 2 on 1 process:
+    the same first-step gradients (of the intermediate step) and every logged loss of both steps; the 2-process run
+    stopped after its step-2 checkpoint (inside the intermediate step) and resumed ends bitwise where it does
+    uninterrupted."""
+    from safetensors.torch import load_file
+    from stage_worker import assert_first_step_gradients_match, recording_train_step, run_on_two_processes
+
+    from distilbert_cli.training import engine
+
+    settings = ["task.names=[sst2]", *SMALL, *explicit_models(runs["main"]), "augment=tang", "augment.copies=2",
+                "task_distill.batch_size=4", "task_distill.micro_batch_size=2", "task_distill.max_steps=4",
+                "task_distill.intermediate.epochs=1", "task_distill.log_every=1", "task_distill.checkpoint_every=2",
+                "task_distill.max_grad_norm=null", "logger=none"]
+    single = tmp_path / "single"
+    single.mkdir()
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "train_step", recording_train_step(engine.train_step, single))
+        distil("task-distill", f"run_dir={single}", *settings)
+    root = tmp_path / "two"
+    for name in ("uninterrupted", "resumed"):
+        (root / name).mkdir(parents=True)
+    run_on_two_processes("task_distill", root, settings)
+    two = root / "uninterrupted"
+    assert_first_step_gradients_match(single, two, min_norm=1e-3)  # a 1-layer student's intermediate step
+    runs_of = {name: TaskDistillOutputs(path / "task-distill").run("sst2", 56)
+               for name, path in (("single", single), ("two", two), ("resumed", root / "resumed"))}
+    logged = {name: [{k: v for k, v in line.items() if k.startswith("loss") or k in ("step", "stage")}
+                     for line in read_jsonl(run.loss_log)] for name, run in runs_of.items()}
+    assert logged["resumed"] == logged["two"]
+    assert {line["stage"] for line in logged["single"]} == {"intermediate layers", "prediction layer"}
+    assert [line["step"] for line in logged["two"]] == [line["step"] for line in logged["single"]]
+    for ours, theirs in zip(logged["two"], logged["single"], strict=True):
+        assert ours.pop("stage") == theirs.pop("stage")
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
+    resumed, uninterrupted = (load_file(runs_of[name].model / "model.safetensors") for name in ("resumed", "two"))
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
+    assert json.loads(runs_of["two"].metrics.read_text())["steps"] == json.loads(
+        runs_of["single"].metrics.read_text())["steps"]
+
+
+def test_wandb_offline_files_appear_under_each_students_folder(runs, tmp_path, monkeypatch):
+    for variable in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    distil("task-distill", f"run_dir={tmp_path / 'run'}", "task.names=[sst2]", *SMALL, *explicit_models(runs["main"]),
+           "augment=none", "logger=wandb", "logger.mode=offline")
+    run = TaskDistillOutputs(tmp_path / "run" / "task-distill").run("sst2", 56)
+    (offline_run,) = (run.path / "wandb").glob("offline-run-*")
+    assert list(offline_run.glob("*.wandb"))

@@ -4,17 +4,20 @@ processes), 2 processes vs accumulation (gradients and losses), and the safety c
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from builders import build_tiny_bert, inject_non_finite_losses, tiny_vocab, write_corpus
 from safetensors.torch import load_file
-from stage_worker import Stopped, gradients_file, recording_train_step, save_then_stop
+from stage_worker import (
+    Stopped,
+    assert_first_step_gradients_match,
+    recording_train_step,
+    run_on_two_processes,
+    save_then_stop,
+)
 from typer.testing import CliRunner
 
 from distilbert_cli.artifacts import PreparedData
@@ -271,24 +274,11 @@ def test_two_processes_take_one_process_gradients_and_losses_and_resume_exactly(
     root = tmp_path / "two"
     for name in ("uninterrupted", "resumed"):
         shutil.copytree(run_dir, root / name)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(Path(__file__).resolve().parents[1] / "stage_worker.py"), "train", str(root), *TINY,
-                             *settings], capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_on_two_processes("train", root, [*TINY, *settings])
     two = root / "uninterrupted"
     assert [(m["world_size"], m["accumulation"]) for m in map(read_manifest, (two / "distill", single / "distill"))] \
         == [(2, 1), (1, 2)]
-
-    one_process = torch.load(gradients_file(single, 0))
-    rank0, rank1 = (torch.load(gradients_file(two, rank)) for rank in (0, 1))
-    assert one_process.keys() == rank0.keys() == rank1.keys() and len(one_process) > 10
-    for name, gradient in one_process.items():
-        torch.testing.assert_close(rank0[name], gradient, rtol=1e-4, atol=1e-7, msg=lambda text, name=name:
-                                   f"{name}: {text}")
-        assert torch.equal(rank0[name], rank1[name]), name  # averaged over the processes: the same on both
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in one_process.values()]))
-    assert norm > 0.1  # a real gradient, far above the tolerance
+    assert_first_step_gradients_match(single, two)
     for ours, theirs in zip(metrics(two), metrics(single), strict=True):
         assert {k: v for k, v in ours.items() if k.startswith("loss")} == pytest.approx(
             {k: v for k, v in theirs.items() if k.startswith("loss")}, rel=1e-5, abs=1e-7)
