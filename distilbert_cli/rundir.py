@@ -154,6 +154,11 @@ def read_manifest(stage_dir: Path) -> dict | None:
     return manifest
 
 
+def is_complete(manifest: dict | None) -> bool:
+    """Whether a stage's manifest (None: it has none) says the stage is complete: the one test of it."""
+    return manifest is not None and manifest["status"] == "complete"
+
+
 def verify_outputs(stage_dir: Path, manifest: dict, reads: str = "*") -> None:
     """Re-hash a complete stage's files (those matching `reads`) against the digests its manifest recorded."""
     stage = manifest["stage"]
@@ -197,14 +202,13 @@ class Run:
         if stage in self._complete:
             return self._complete[stage]
         manifest = read_manifest(self.stage_dir(stage))
-        if manifest is not None and manifest["status"] == "complete":
+        if is_complete(manifest):
             self._complete[stage] = manifest
         return manifest
 
     def complete(self, stage: str) -> Path | None:
         """The stage's directory if it is complete, else None (for readers that report what is there)."""
-        manifest = self.manifest(stage)
-        return self.stage_dir(stage) if manifest is not None and manifest["status"] == "complete" else None
+        return self.stage_dir(stage) if is_complete(self.manifest(stage)) else None
 
     def require(self, stage: str) -> Path:
         """The directory of a complete input stage, or a UsageError naming the path."""
@@ -330,7 +334,7 @@ def _prepare_stage_dir(stage_dir: Path, overwrite: bool, keep_partial: bool) -> 
         if not overwrite:
             raise UsageError(f"{exc} (pass overwrite=true to replace the stage)") from exc
         manifest = None
-    if manifest is not None and manifest.get("status") == "complete":
+    if is_complete(manifest):
         if not overwrite:
             raise UsageError(f"stage already complete: {stage_dir} (pass overwrite=true to replace it)")
         shutil.rmtree(stage_dir)

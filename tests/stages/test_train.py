@@ -287,3 +287,16 @@ def test_two_processes_take_one_process_gradients_and_losses_and_resume_exactly(
     resumed, uninterrupted = final_weights(root / "resumed"), final_weights(two)
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+def test_each_input_manifest_is_read_once(run_dir, monkeypatch):
+    """distil train asks the run for prepare-data's and init-student's manifests many times (is it complete, its
+    files, its facts, its teacher); the run reads each file once."""
+    from distilbert_cli import rundir
+
+    reads = []
+    real_read = rundir.read_manifest
+    monkeypatch.setattr(rundir, "read_manifest", lambda stage_dir: reads.append(Path(stage_dir).name)
+                        or real_read(stage_dir))
+    train(run_dir, "train.max_steps=1")
+    assert reads.count("init-student") == 1 and reads.count("prepare-data") == 1
