@@ -3,7 +3,7 @@ stages read. The stage that writes a file and every stage that reads it name it 
 
     <run_dir>/prepare-data/  dataset/, token_counts.npy, tokenizer/, stats.json
     <run_dir>/init-student/  model/                       manifest: InitStudentFacts
-    <run_dir>/distill/       final/, metrics.jsonl, validation.json, checkpoints/step-N/
+    <run_dir>/distill/       final/, metrics.jsonl, validation.json, validation_targets.safetensors, checkpoints/step-N/
     <run_dir>/finetune/      <model>/<task>/seed-<s>/{model/, predictions.jsonl, metrics.json, predictions-<split>.json}
     <run_dir>/task-distill/  transfer/, transfer.json, student/<task>/seed-<s>/{model/, predictions.jsonl, metrics.json,
                              metrics.jsonl}
@@ -108,6 +108,10 @@ class DistillOutputs:
     @property
     def validation(self) -> Path:  # held-out MLM loss and accuracy of student and teacher
         return self.path / "validation.json"
+
+    @property
+    def validation_targets(self) -> Path:  # every held-out MLM target: label, and each model's loss and prediction
+        return self.path / "validation_targets.safetensors"
 
     @property
     def checkpoints(self) -> Path:

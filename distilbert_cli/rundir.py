@@ -78,6 +78,19 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def save_arrays_atomic(path: Path, arrays: dict) -> None:
+    """numpy arrays by name in one safetensors file (nothing to unpickle), atomically."""
+    from safetensors.numpy import save_file
+
+    tmp = temporary_path(path)
+    try:
+        save_file(arrays, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path, payload) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 

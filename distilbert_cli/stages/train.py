@@ -21,40 +21,51 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import replace
 
+import numpy as np
+
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
 from distilbert_cli.logs import distributed_state
 from distilbert_cli.models.loading import load_config, load_tokenizer
-from distilbert_cli.rundir import Run, temporary_path, write_json_atomic
+from distilbert_cli.rundir import Run, save_arrays_atomic, temporary_path, write_json_atomic
 from distilbert_cli.schema import Train
 from distilbert_cli.training import setup
 from distilbert_cli.training.distiller import distillation_losses, layer_pairs
 from distilbert_cli.training.engine import EngineSettings, Phase, TrainingJob, fit, open_tracker, restore, resume_point
 from distilbert_cli.training.losses import LossPlan
-from distilbert_cli.training.mlm_eval import evaluate_mlm, validation_batches
+from distilbert_cli.training.mlm_eval import mlm_figures, score_targets, validation_batches
 from distilbert_cli.training.progressive import enter, stages
 
 log = logging.getLogger(__name__)
 
 
-def validate(student, teacher, corpus: setup.Corpus, validation_spec, cfg: Train, accelerator) -> dict:
+def validate(student, teacher, corpus: setup.Corpus, validation_spec, cfg: Train,
+             accelerator) -> tuple[dict, dict[str, np.ndarray]]:
     """Held-out MLM loss and accuracy of the student and the teacher (None: no teacher with a head) on the same
     fixed masks, whatever masks the run trained on: targets drawn with probability ~ count^-validation.
     smoothing_exponent (the reference's smoothing: frequent tokens masked less), and, under "uniform", drawn
-    uniformly over the real tokens (the smoothed masks pick rare tokens and are far harder)."""
+    uniformly over the real tokens (BERT's own objective; the smoothed masks pick rare tokens and are far harder);
+    the student's agreement with the teacher's top-1 prediction. Returns those figures (validation.json) and every
+    target's label, loss and prediction of each model (validation_targets.safetensors: what the report's intervals and
+    paired comparisons between runs resample)."""
     uniform = replace(validation_spec, token_weights=(validation_spec.token_weights > 0).float())  # specials stay 0
-    scores: dict = {"smoothing_exponent": cfg.validation.smoothing_exponent}
-    for name, model in (("student", student), ("teacher", teacher)):
-        if model is None:
-            scores[name] = None
-            continue
-        scores[name] = {}
-        for masks, masking in (("smoothed", validation_spec), ("uniform", uniform)):
-            batches = validation_batches(corpus.validation, masking, cfg.validation.max_sequences,
-                                         cfg.validation.batch_size, cfg.validation.seed)
-            found = evaluate_mlm(model, batches, accelerator.device, accelerator.autocast)
-            scores[name].update(found if masks == "smoothed" else {"uniform": found})
-    return scores
+    scores: dict = {"smoothing_exponent": cfg.validation.smoothing_exponent, "student": {},
+                    "teacher": {} if teacher is not None else None}
+    targets: dict[str, np.ndarray] = {}
+    for masks, masking in (("smoothed", validation_spec), ("uniform", uniform)):
+        batches = validation_batches(corpus.validation, masking, cfg.validation.max_sequences,
+                                     cfg.validation.batch_size, cfg.validation.seed)
+        scored = {name: score_targets(model, batches, accelerator.device, accelerator.autocast)
+                  for name, model in (("student", student), ("teacher", teacher)) if model is not None}
+        targets[f"{masks}_labels"] = scored["student"]["labels"]
+        for name, found in scored.items():
+            figures = mlm_figures(found)
+            if name == "student" and "teacher" in scored:
+                figures["teacher_agreement"] = float(np.mean(found["predictions"] == scored["teacher"]["predictions"]))
+            (scores[name] if masks == "smoothed" else scores[name].setdefault("uniform", {})).update(figures)
+            targets[f"{name}_{masks}_losses"], targets[f"{name}_{masks}_predictions"] = (found["losses"],
+                                                                                       found["predictions"])
+    return scores, targets
 
 
 def run(cfg: Train, overrides: Sequence[str] = ()) -> dict:
@@ -181,9 +192,10 @@ def run(cfg: Train, overrides: Sequence[str] = ()) -> dict:
             os.replace(tmp, out.final)
             log.info("distilled student: %s", out.final)
             teacher_model = teacher_rows.model if teacher_rows is not None else None
-            validation = validate(student, teacher_model if inputs.init.teacher_has_mlm_head else None, corpus,
-                                  validation_spec, cfg, accelerator)
+            validation, targets = validate(student, teacher_model if inputs.init.teacher_has_mlm_head else None,
+                                           corpus, validation_spec, cfg, accelerator)
             write_json_atomic(out.validation, validation)
+            save_arrays_atomic(out.validation_targets, targets)
             log.info("validation: %s", validation)
             if not math.isfinite(validation["student"]["mlm_loss"]):
                 raise UsageError(f"the distilled student's validation MLM loss is {validation['student']['mlm_loss']}"

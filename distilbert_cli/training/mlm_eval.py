@@ -29,19 +29,33 @@ def validation_batches(dataset, spec: MaskingSpec, max_sequences: int, batch_siz
 
 
 @torch.no_grad()
-def evaluate_mlm(model: nn.Module, batches: Iterable[dict], device: torch.device,
-                 autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, float]:
-    """MLM loss (mean cross-entropy over all targets) and accuracy of a masked LM on masked `batches`."""
+def score_targets(model: nn.Module, batches: Iterable[dict], device: torch.device,
+                  autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, np.ndarray]:
+    """Every MLM target of `batches`, in order: its label, the model's cross-entropy there and its top-1 prediction
+    (so that two models scored on the same batches can be compared target by target)."""
     was_training = model.training
     model.eval()
     rows_model = MaskedLMRows(model)
-    loss_sum, correct, targets = 0.0, 0, 0
+    labels, losses, predictions = [], [], []
     for batch in batches:
         batch = to_device(batch, device)
         with autocast():
             logits = rows_model(batch["input_ids"], batch["attention_mask"], batch["target_rows"])["logits"].float()
-        loss_sum += torch.nn.functional.cross_entropy(logits, batch["target_labels"], reduction="sum").item()
-        correct += int((logits.argmax(-1) == batch["target_labels"]).sum())
-        targets += batch["target_labels"].numel()
+        losses.append(torch.nn.functional.cross_entropy(logits, batch["target_labels"], reduction="none").cpu())
+        predictions.append(logits.argmax(-1).cpu())
+        labels.append(batch["target_labels"].cpu())
     model.train(was_training)
-    return {"mlm_loss": loss_sum / targets, "mlm_accuracy": correct / targets}
+    return {"labels": torch.cat(labels).numpy(), "losses": torch.cat(losses).numpy(),
+            "predictions": torch.cat(predictions).numpy()}
+
+
+def mlm_figures(scored: dict[str, np.ndarray]) -> dict[str, float]:
+    """MLM loss (mean cross-entropy over all targets) and accuracy of scored targets."""
+    return {"mlm_loss": float(np.mean(scored["losses"], dtype=np.float64)),
+            "mlm_accuracy": float(np.mean(scored["predictions"] == scored["labels"]))}
+
+
+def evaluate_mlm(model: nn.Module, batches: Iterable[dict], device: torch.device,
+                 autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, float]:
+    """MLM loss (mean cross-entropy over all targets) and accuracy of a masked LM on masked `batches`."""
+    return mlm_figures(score_targets(model, batches, device, autocast))

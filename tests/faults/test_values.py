@@ -23,8 +23,8 @@ def test_a_run_whose_every_step_was_skipped_fails(run_dir, monkeypatch):
 
 
 def test_a_non_finite_validation_loss_fails_the_run(run_dir, monkeypatch):
-    monkeypatch.setattr(train_stage, "evaluate_mlm", lambda *args, **kwargs: {"mlm_loss": float("nan"),
-                                                                                "mlm_accuracy": 0.0})
+    monkeypatch.setattr(train_stage, "mlm_figures", lambda *args, **kwargs: {"mlm_loss": float("nan"),
+                                                                               "mlm_accuracy": 0.0})
     assert_refused(train(run_dir), "error: the distilled student's validation MLM loss is nan",
                    stage_dir=run_dir / "distill")
     assert read_manifest(run_dir / "distill")["status"] == "failed"

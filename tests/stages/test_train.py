@@ -7,9 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from builders import build_tiny_bert, inject_non_finite_losses, tiny_vocab, write_corpus
+from safetensors.numpy import load_file as load_arrays
 from safetensors.torch import load_file
 from stage_worker import (
     Stopped,
@@ -31,7 +33,7 @@ from distilbert_cli.stages import prepare_data as prepare_data_stage
 from distilbert_cli.stages import train as train_stage
 from distilbert_cli.training import engine
 from distilbert_cli.training.masking import masking_spec
-from distilbert_cli.training.mlm_eval import evaluate_mlm, validation_batches
+from distilbert_cli.training.mlm_eval import evaluate_mlm, score_targets, validation_batches
 
 TINY = ["+experiment=triple_loss", "+debug=tiny"]
 
@@ -98,7 +100,7 @@ def test_triple_loss_end_to_end_through_the_cli(run_dir):
     assert 0 < rows[0]["tokens_seen"] < rows[-1]["tokens_seen"]
     assert [p.name for p in sorted((stage / "checkpoints").iterdir())] == ["step-2", "step-4"]
     validation = json.loads((stage / "validation.json").read_text())
-    assert set(validation["student"]) == {"mlm_loss", "mlm_accuracy", "uniform"}
+    assert set(validation["student"]) == {"mlm_loss", "mlm_accuracy", "teacher_agreement", "uniform"}
     assert validation["teacher"]["mlm_loss"] > 0 and validation["teacher"]["uniform"]["mlm_loss"] > 0
     # The saved student reproduces its validation figures on the same fixed masks: smoothed with
     # validation.smoothing_exponent (whatever the training masks), and uniform over the real tokens.
@@ -106,7 +108,11 @@ def test_triple_loss_end_to_end_through_the_cli(run_dir):
     prepared = PreparedData(run_dir / "prepare-data")
     splits, counts = load_prepared(prepared)
     cfg = compose_config("train", TINY)
-    for exponent, figures in ((0.7, validation["student"]), (0.0, validation["student"]["uniform"])):
+    # Every target's label, loss and prediction of both models are kept: the student's are the saved model's own,
+    # and the figures and the agreement with the teacher's top-1 prediction are their means.
+    targets = load_arrays(stage / "validation_targets.safetensors")
+    for masks, exponent, figures in (("smoothed", 0.7, validation["student"]),
+                                     ("uniform", 0.0, validation["student"]["uniform"])):
         masking = cfg.masking.model_copy(update={"smoothing_exponent": exponent})
         spec = masking_spec(masking, AutoTokenizer.from_pretrained(prepared.tokenizer), counts,
                             final.config.vocab_size)
@@ -114,6 +120,12 @@ def test_triple_loss_end_to_end_through_the_cli(run_dir):
                                      cfg.validation.batch_size, cfg.validation.seed)
         found = evaluate_mlm(final, batches, torch.device("cpu"))
         assert found == pytest.approx({key: figures[key] for key in ("mlm_loss", "mlm_accuracy")})
+        scored = score_targets(final, batches, torch.device("cpu"))
+        assert np.array_equal(targets[f"{masks}_labels"], scored["labels"]) and len(scored["labels"]) > 20
+        assert np.array_equal(targets[f"student_{masks}_predictions"], scored["predictions"])
+        np.testing.assert_allclose(targets[f"student_{masks}_losses"], scored["losses"], rtol=1e-5)
+        agreement = np.mean(targets[f"student_{masks}_predictions"] == targets[f"teacher_{masks}_predictions"])
+        assert figures["teacher_agreement"] == pytest.approx(agreement)
 
 
 def stop_after_checkpoint(monkeypatch, step: int) -> None:
