@@ -114,7 +114,8 @@ def train_task_model(model: nn.Module, features, collator, make_loss: Callable[[
     restore(checkpoint, state, job, accelerator)
     settings = EngineSettings(name, seed, steps, section.max_grad_norm, section.max_bad_steps, section.log_every,
                               section.checkpoint_every, section.keep_last,
-                              section.eval_every if validation is not None else None, section.early_stopping)
+                              section.eval_every if validation is not None else None, section.early_stopping,
+                              checkpoint_at_end=False)
     started, cpu_started = time.perf_counter(), time.process_time()
     state = fit(job, settings, state, accelerator, tracker)
     trained = TrainedModel(model, state, time.perf_counter() - started, time.process_time() - cpu_started)

@@ -68,6 +68,9 @@ class EngineSettings:
     keep_last: int
     eval_every: int | None = None  # None: no evaluation during training
     early_stopping: int | None = None  # evaluations without improvement before stopping; None: never
+    # A checkpoint at the last step too: train keeps its last ones as outputs; a downstream run, finished a moment
+    # later and its checkpoints then removed, is not worth one.
+    checkpoint_at_end: bool = True
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,8 @@ def fit(job: TrainingJob, settings: EngineSettings, state: TrainerState, acceler
                 progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if job.validation is not None and (state.step % settings.eval_every == 0 or last):
                 evaluate(job, settings, state, accelerator, metrics)
-            if state.step % settings.checkpoint_every == 0 or last or state.stopped_early:
+            ending = (last or state.stopped_early) and settings.checkpoint_at_end
+            if state.step % settings.checkpoint_every == 0 or ending:
                 state.log_window = metrics.window()
                 save_checkpoint(accelerator, job.checkpoints, state, job.resume_state, settings.keep_last, job.model,
                                 job.optimizer, job.scheduler)
