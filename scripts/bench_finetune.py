@@ -143,7 +143,7 @@ def main() -> None:
     for title, (name, batch, overrides) in shapes.items():
         task = get_task(name)
         cfg = compose_config("finetune", [*overrides, f"finetune.batch_size={batch}", "finetune.save_models=false",
-                                          "finetune.learning_rate=5e-5"])
+                                          "finetune.learning_rate=5e-5", "logger=none"])
         data = task.load(cfg.task, ("train", *task.eval_splits(cfg.task)))
         # Enough examples for `steps` batches (SQuAD: these contexts fit one 384-token window each), few dev ones.
         data = replace(data, splits={split: repeated(rows, args.steps * batch) if split == "train" else
