@@ -414,9 +414,9 @@ class Evaluate(Common):
 
 class BenchSettings(Group):
     models: Annotated[list[str], Field(min_length=1)]
-    backends: Annotated[list[Literal["eager", "compile", "int8", "onnx", "onnx_int8"]], Field(min_length=1)]
+    backends: Annotated[list[Literal["eager", "compile", "int8", "onnx", "onnx_optimized", "onnx_int8"]],
+                        Field(min_length=1)]
     batch_sizes: Annotated[list[PositiveInt], Field(min_length=1)]
-    max_seq_length: PositiveInt
     padding: Literal["longest", "max_length"]
     num_threads: PositiveInt | None
     warmup_batches: NonNegativeInt
