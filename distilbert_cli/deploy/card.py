@@ -143,8 +143,9 @@ def _making(found: Origin) -> list[str]:
         def loss_and_accuracy(scores: dict) -> str:
             return f"{_fmt(scores['mlm_loss'], 3)} / {_fmt(100 * scores['mlm_accuracy'], 1)}%"
 
-        scores = [f"{model} loss {loss_and_accuracy(found)} (uniform masks: {loss_and_accuracy(found['uniform'])})"
-                  for model in ("student", "teacher") if (found := validation.get(model))]
+        scores = [f"{model} loss {loss_and_accuracy(validation[model])} (uniform masks: "
+                  f"{loss_and_accuracy(validation[model]['uniform'])})"
+                  for model in ("student", "teacher") if validation.get(model)]
         lines += ["- **Validation MLM** (held-out, fixed masks drawn ~ count^-"
                   f"{validation['smoothing_exponent']:g}, mostly rare tokens): " + "; ".join(scores) + "."]
     if (prepared := manifests.get(artifacts.PREPARE_DATA)) is not None:
