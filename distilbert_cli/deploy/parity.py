@@ -132,11 +132,19 @@ def _agreement(export_task: str, rows: DevRows, got: list[Outputs], reference: l
         return 100.0 * same / total, "% of tokens with PyTorch's top prediction"
     cosines = []
     for g, r, batch in zip(got, reference, rows.batches, strict=True):
-        weights = batch["attention_mask"][..., None].astype(np.float64)
-        pooled = [(out["last_hidden_state"] * weights).sum(1) / weights.sum(1) for out in (g, r)]
+        pooled = [_sentence_vector(out, batch["attention_mask"]) for out in (g, r)]
         cosines += list((pooled[0] * pooled[1]).sum(-1)
                         / (np.linalg.norm(pooled[0], axis=-1) * np.linalg.norm(pooled[1], axis=-1)))
-    return float(np.min(cosines)), "lowest cosine of the mean-pooled states with PyTorch's"
+    return float(np.min(cosines)), "lowest cosine of the sentence vectors with PyTorch's"
+
+
+def _sentence_vector(outputs: Outputs, attention_mask: np.ndarray) -> np.ndarray:
+    """The encoder's own pooled output (BERT's pooler, the BiLSTM's max-pooled states), else its token states
+    averaged over the real tokens."""
+    if "pooler_output" in outputs:
+        return outputs["pooler_output"].astype(np.float64)
+    weights = attention_mask[..., None].astype(np.float64)
+    return (outputs["last_hidden_state"] * weights).sum(1) / weights.sum(1)
 
 
 def parity(export_task: str, rows: DevRows, reference: list[Outputs], variants: dict[str, list[Outputs]],

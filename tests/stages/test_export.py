@@ -182,14 +182,22 @@ def test_each_family_and_head_exports_and_matches_pytorch(tmp_path, family):
     assert qa["metric"] == "exact_match / f1" and qa["examples"] == 6
 
 
-def test_feature_extraction_of_any_checkpoint(tmp_path):
+def test_feature_extraction_of_any_checkpoint_and_of_a_bilstm_encoder(finetuned_run, tmp_path):
+    """A plain encoder (BERT's, and the BiLSTM that init-student saves): no task metric, the variants' sentence
+    vectors against PyTorch's."""
+    run, _, bilstm = finetuned_run
     base = build_tiny_bert(tmp_path / "base", num_layers=1)
-    models = export.run(compose_config("export", [f"run_dir={tmp_path / 'run'}", *SST2, f"export.models=[enc:{base}]",
-                                                  "export.task=feature-extraction", "export.parity_samples=8"]))
-    checked = json.loads(artifacts.ExportedModel(tmp_path / "run" / "export" / "enc").parity.read_text())
-    assert models["enc"]["architecture"] == "BertModel" and checked["metric"] is None
-    assert checked["variants"]["onnx"]["agreement"] == pytest.approx(1.0, abs=1e-6)  # cosine of pooled states
-    assert all(entry["status"] == "unchecked" for entry in checked["variants"].values())
+    encoder = bilstm.parents[4] / "init-student" / "model"
+    models = export.run(compose_config("export", [f"run_dir={tmp_path / 'run'}", *SST2, "export.parity_samples=8",
+                                                  f"export.models=[enc:{base},lstm:{encoder}]",
+                                                  "export.task=feature-extraction"]))
+    assert (models["enc"]["architecture"], models["lstm"]["architecture"]) == ("BertModel", "BiLSTMModel")
+    for name in ("enc", "lstm"):
+        checked = json.loads(artifacts.ExportedModel(tmp_path / "run" / "export" / name).parity.read_text())
+        assert checked["metric"] is None and checked["outputs"][:2] == ["last_hidden_state", "pooler_output"]
+        for variant in ("onnx", "onnx_optimized"):
+            assert checked["variants"][variant]["agreement"] == pytest.approx(1.0, abs=1e-6)  # cosine
+        assert all(entry["status"] == "unchecked" for entry in checked["variants"].values())
 
 
 # ---- bench-cpu reads the exported graphs -------------------------------------------------------------------
