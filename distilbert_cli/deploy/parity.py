@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from distilbert_cli.deploy.onnx_models import pad_batch
 from distilbert_cli.errors import UsageError
@@ -82,8 +83,9 @@ def torch_runner(model) -> Callable[[dict[str, np.ndarray]], Outputs]:
     return run
 
 
-def run_all(runner: Callable[[dict[str, np.ndarray]], Outputs], batches: list[dict[str, np.ndarray]]) -> list[Outputs]:
-    return [runner(batch) for batch in batches]
+def run_all(runner: Callable[[dict[str, np.ndarray]], Outputs], batches: list[dict[str, np.ndarray]],
+            what: str) -> list[Outputs]:
+    return [runner(batch) for batch in tqdm(batches, desc=f"parity: {what}", leave=False)]
 
 
 def _max_abs_diff(outputs: list[Outputs], reference: list[Outputs], batches: list[dict[str, np.ndarray]],

@@ -118,8 +118,8 @@ def export_model(plan: Plan, cfg: DictConfig, out: artifacts.ExportedModel) -> d
         log.info("%s %s: %.1f MB, %s%s%s", name, graph.variant, graph.size_bytes / 2**20, graph.how,
                  f"; fused {graph.fused_ops}" if graph.fused_ops else "", f"; {graph.note}" if graph.note else "")
 
-    reference = parity.run_all(parity.torch_runner(model), rows.batches)
-    outputs = {variant: parity.run_all(onnx_models.OnnxModel(graph.path), rows.batches)
+    reference = parity.run_all(parity.torch_runner(model), rows.batches, f"{name} pytorch")
+    outputs = {variant: parity.run_all(onnx_models.OnnxModel(graph.path), rows.batches, f"{name} {variant}")
                for variant, graph in graphs.items()}
     checked = parity.parity(plan.export_task, rows, reference, outputs, cfg.task, cfg.export.max_metric_drop)
     write_json_atomic(out.parity, checked)
