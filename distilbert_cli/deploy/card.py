@@ -259,8 +259,9 @@ def build_card(name: str, export_run: Path, license_id: str, extra_datasets: lis
     gated = set(facts["not_recommended"])
     body = [f"# {name}", "",
             f"A {facts['architecture']} ({facts['parameters'] / 1e6:.1f}M parameters) for {facts['export_task']}, "
-            f"distilled with [distilbert_cli](https://arxiv.org/abs/1910.01108) and exported with its PyTorch weights "
-            f"and ONNX variants. The figures below are read from the run's own files.", "",
+            "made with distilbert_cli (the recipe of DistilBERT, Sanh et al. 2019, https://arxiv.org/abs/1910.01108) "
+            "and exported with its PyTorch weights and ONNX variants. Every figure below is read from the run's own "
+            "files.", "",
             "## How it was made", "", *_making(found), "",
             "## Results", "", *_results(found),
             "## Exported variants", "",
