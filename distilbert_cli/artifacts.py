@@ -9,6 +9,10 @@ stages read. The stage that writes a file and every stage that reads it name it 
                              metrics.jsonl}
     <run_dir>/evaluate/      results.json, results.md
     <run_dir>/bench-cpu/     results.json, results.md, latency.png
+    <run_dir>/export/        <name>/{config.json, model.safetensors, tokenizer files, onnx/, onnx_optimized/,
+                             onnx_int8/[, onnx_int8_static/] (each model.onnx), parity.json}   manifest: models
+    <run_dir>/publish/       <name>/{README.md (the model card), the weights, tokenizer and recommended ONNX
+                             variants, parity.json}   manifest: pushed
     <run_dir>/report/        report.md and the charts it embeds
 
 `UNFINGERPRINTED` names, per stage, the files that record how the run went rather than what it made (timings,
@@ -35,8 +39,14 @@ FINETUNE = "finetune"
 TASK_DISTILL = "task-distill"
 EVALUATE = "evaluate"
 BENCH_CPU = "bench-cpu"
+EXPORT = "export"
+PUBLISH = "publish"
 REPORT = "report"
-STAGES = (PREPARE_DATA, INIT_STUDENT, DISTILL, FINETUNE, TASK_DISTILL, EVALUATE, BENCH_CPU, REPORT)
+STAGES = (PREPARE_DATA, INIT_STUDENT, DISTILL, FINETUNE, TASK_DISTILL, EVALUATE, BENCH_CPU, EXPORT, PUBLISH, REPORT)
+# The command that writes each stage (`distil <command>`), for the commands a model card says reproduce a run.
+STAGE_COMMANDS = {PREPARE_DATA: "prepare-data", INIT_STUDENT: "init-student", DISTILL: "train", FINETUNE: "finetune",
+                  TASK_DISTILL: "task-distill", EVALUATE: "evaluate", BENCH_CPU: "bench-cpu", EXPORT: "export",
+                  PUBLISH: "publish", REPORT: "report"}
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -179,6 +189,35 @@ class TaskDistillOutputs:
 
 
 TASK_DISTILLED_MODEL = "student"
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """One model of the export stage: <export>/<name>/ holds the PyTorch copy (loads with from_pretrained and
+    transformers.pipeline), one folder per ONNX variant and parity.json."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def variant(self, variant: str) -> Path:  # onnx, onnx_optimized, onnx_int8, onnx_int8_static
+        return self.path / variant / ONNX_FILE
+
+    @property
+    def parity(self) -> Path:  # each variant against PyTorch on dev rows of the task
+        return self.path / "parity.json"
+
+
+ONNX_FILE = "model.onnx"
+MODEL_CARD = "README.md"  # the Hub reads a repository's model card from README.md
+
+
+def exported_models(run: Run) -> dict[str, dict]:
+    """{name: what export recorded of it (source, export task, data task, variants)} of the run's complete export
+    stage; {} without one."""
+    return run.manifest(EXPORT).get("models", {}) if run.complete(EXPORT) is not None else {}
 
 
 def finetune_runs(finetune_dir: Path, model: str, task: str) -> list[FinetuneRun]:

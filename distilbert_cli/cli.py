@@ -73,6 +73,16 @@ def _bench_cpu() -> StageRun:
     return bench_cpu.run
 
 
+def _export() -> StageRun:
+    from distilbert_cli.stages import export
+    return export.run
+
+
+def _publish() -> StageRun:
+    from distilbert_cli.stages import publish
+    return publish.run
+
+
 def _report() -> StageRun:
     from distilbert_cli.stages import report
     return report.run
@@ -103,6 +113,12 @@ COMMANDS = (
     StageCommand("bench-cpu", "bench_cpu", _bench_cpu,
                  "Time teacher and student inference on CPU (the paper's Table 3).",
                  "reads: teacher and distill/final/; writes: <run_dir>/bench-cpu/results.md"),
+    StageCommand("export", "export", _export,
+                 "Export models for deployment: PyTorch copy, ONNX fp32, fused, int8, each checked on task rows.",
+                 "reads: the run's models (or any); writes: <run_dir>/export/<name>/ (onnx*/, parity.json)"),
+    StageCommand("publish", "publish", _publish,
+                 "Write each exported model's Hub folder and model card; upload it with publish.dry_run=false.",
+                 "reads: export/, the run's stages; writes: <run_dir>/publish/<name>/ (README.md = the card)"),
     StageCommand("report", "report", _report,
                  "Write the run's report: loss curves, validation MLM, downstream and CPU tables vs baselines.",
                  "reads: the run's stages and report.baselines; writes: <run_dir>/report/report.md"),

@@ -370,6 +370,25 @@ def accuracy_latency_lines(points: list[dict]) -> list[str]:
             "work).", "", "![accuracy vs latency](accuracy_latency.png)"]
 
 
+def exported_lines(run_dir: Run) -> list[str]:
+    """The run's exported models: their variants and parity verdicts, each linked to its model card (publish)."""
+    exported = artifacts.exported_models(run_dir)
+    published = run_dir.complete(artifacts.PUBLISH)
+    lines = []
+    for name, facts in exported.items():
+        card = run_dir.stage_dir(artifacts.PUBLISH) / name / artifacts.MODEL_CARD
+        link = (f"[model card](../{artifacts.PUBLISH}/{name}/{artifacts.MODEL_CARD})"
+                if published is not None and card.exists() else "no model card (run `distil publish`)")
+        parity = read_json(artifacts.ExportedModel(run_dir.stage_dir(artifacts.EXPORT) / name).parity)
+        verdicts = ", ".join(f"{variant} {entry['status']}" + ("" if entry["metric"] is None else
+                                                               f" ({entry['metric']:.1f})")
+                             for variant, entry in parity["variants"].items())
+        metric = "" if parity["metric"] is None else f"; PyTorch {parity['metric']} {parity['pytorch']['metric']:.1f}"
+        lines.append(f"- `{name}` ({facts['architecture']}, {facts['export_task']}): {link}. Parity on "
+                     f"{parity['examples']} {parity['data_task']} {parity['split']} rows{metric}: {verdicts}.")
+    return lines
+
+
 def stage_markdown(run_dir: Run, stage: str, out_dir: Path) -> list[str]:
     """Another stage's own results.md, headings demoted, its PNGs copied beside the report."""
     stage_dir = run_dir.complete(stage)
@@ -404,6 +423,8 @@ def render(main: dict, baselines: list[dict], verdict_lines: list[str], run_dir:
                   "", *task_lines, ""]
     if speed_lines:
         lines += ["## Accuracy beside CPU latency", "", *speed_lines, ""]
+    if exported := exported_lines(run_dir):
+        lines += ["## Exported models (ONNX, int8 checked on the task)", "", *exported, ""]
     if has_curves:
         lines += ["## Loss curves", "", "![loss curves](loss_curves.png)", ""]
     lines += ["## Downstream (the paper's Tables 1 and 2, at this scale)", "",

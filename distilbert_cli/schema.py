@@ -437,9 +437,9 @@ class Evaluate(Common):
 
 class BenchSettings(Group):
     models: Annotated[list[str], Field(min_length=1)]
-    backends: Annotated[list[Literal["eager", "compile", "int8", "onnx", "onnx_int8"]], Field(min_length=1)]
+    backends: Annotated[list[Literal["eager", "compile", "int8", "onnx", "onnx_optimized", "onnx_int8"]],
+                        Field(min_length=1)]
     batch_sizes: Annotated[list[PositiveInt], Field(min_length=1)]
-    max_seq_length: PositiveInt
     padding: Literal["longest", "max_length"]
     num_threads: PositiveInt | None
     warmup_batches: NonNegativeInt
@@ -464,6 +464,52 @@ class BenchCpu(Common):
         return self
 
 
+# ---- export, publish ---------------------------------------------------------------------------------------
+
+class ExportSettings(Group):
+    models: Annotated[list[str], Field(min_length=1)]
+    task: Literal["auto", "text-classification", "question-answering", "fill-mask", "feature-extraction"]
+    per_channel: bool
+    static_int8: bool
+    calibration_samples: PositiveInt
+    parity_samples: PositiveInt | None  # null: every dev row
+    batch_size: PositiveInt
+    max_metric_drop: NonNegativeFloat
+
+    _distinct_models = field_validator("models")(_distinct)
+
+
+class Export(Common):
+    task: Task
+    export: ExportSettings
+
+    @model_validator(mode="after")
+    def _one_task(self):
+        if len(self.task.names) != 1:
+            raise ValueError(f"export checks its models on one task's dev rows; task.names names {self.task.names}")
+        return self
+
+
+class PublishSettings(Group):
+    models: list[str] | None  # null: every model of the export stage
+    repo_id: str | None  # owner/name, or a template with {name}; null: dry runs only
+    dry_run: bool
+    private: bool
+    license: str
+    datasets: list[str]
+    commit_message: str
+
+
+class Publish(Common):
+    publish: PublishSettings
+
+    @model_validator(mode="after")
+    def _repo_for_upload(self):
+        if not self.publish.dry_run and self.publish.repo_id is None:
+            raise ValueError("publish.dry_run=false uploads to publish.repo_id: set it (owner/name)")
+        return self
+
+
 class ReportSettings(Group):
     baselines: list[str]
     teacher_note: str | None
@@ -477,7 +523,8 @@ class Report(Common):
 # The schema of each command's primary config (conf/<name>.yaml).
 COMMAND_SCHEMAS: dict[str, type[BaseModel]] = {
     "prepare_data": PrepareData, "init_student": InitStudent, "train": Train, "finetune": Finetune,
-    "task_distill": TaskDistill, "evaluate": Evaluate, "bench_cpu": BenchCpu, "report": Report,
+    "task_distill": TaskDistill, "evaluate": Evaluate, "bench_cpu": BenchCpu, "export": Export,
+    "publish": Publish, "report": Report,
 }
 
 

@@ -25,6 +25,8 @@ PUBLIC_KEYS = {
                      "task_distill.teacher", "task_distill.student"],
     "evaluate": ["run_dir", "overwrite", "seed", "task.names", "task.data_dir"],
     "bench_cpu": ["run_dir", "overwrite", "seed", "task.names"],
+    "export": ["run_dir", "overwrite", "seed", "task.names", "task.data_dir", "export.models"],
+    "publish": ["run_dir", "overwrite", "seed", "publish.dry_run"],
     "report": ["run_dir", "overwrite", "seed"],
 }
 SHARED_KEYS = {"run_dir", "overwrite", "seed", "trust_remote_code"}

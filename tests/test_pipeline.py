@@ -56,9 +56,15 @@ def demo_like_runs(tmp_path_factory, tiny_teacher) -> tuple[Path, Path]:
            f"task_distill.transfer_set={main / 'task-distill' / 'transfer'}")
     for run_dir in (main, baseline, lstm):
         distil("evaluate", f"run_dir={run_dir}", "task.names=[rte]", f"task.data_dir={GLUE_DIR}")
-    distil("bench-cpu", f"run_dir={main}", "task.names=[rte]", f"task.data_dir={GLUE_DIR}", "bench.backends=[eager]",
-           "bench.max_examples=8", "bench.warmup_batches=1", "bench.repeats=1", "bench.check_examples=4",
-           f"bench.models=[teacher,student,{lstm / 'init-student' / 'model'}]")
+    # As the demo: the task-distilled student and BiLSTM exported, timed as exported, their cards written.
+    shipped = ",".join(f"{name}:{run / 'task-distill' / 'student' / 'rte' / 'seed-56' / 'model'}"
+                       for name, run in (("distilbert-rte", main), ("bilstm-rte", lstm)))
+    distil("export", f"run_dir={main}", "task.names=[rte]", f"task.data_dir={GLUE_DIR}", "task.max_seq_length=64",
+           f"export.models=[{shipped}]", "export.parity_samples=16")
+    distil("bench-cpu", f"run_dir={main}", "task.names=[rte]", f"task.data_dir={GLUE_DIR}",
+           "bench.backends=[eager,onnx_int8]", "bench.max_examples=8", "bench.warmup_batches=1", "bench.repeats=1",
+           "bench.check_examples=4", f"bench.models=[teacher,{shipped}]")
+    distil("publish", f"run_dir={main}")
     distil("report", str(main), f"report.baselines=[{baseline},{lstm}]", "report.teacher_note=a tiny random BERT")
     return main, baseline
 
@@ -67,6 +73,15 @@ def test_every_stage_of_the_run_is_complete(demo_like_runs):
     main, _ = demo_like_runs
     for stage in STAGES:
         assert read_manifest(main / stage)["status"] == "complete", stage
+
+
+def test_the_report_links_the_model_cards_of_the_exported_models(demo_like_runs):
+    main, _ = demo_like_runs
+    report = (main / "report" / "report.md").read_text()
+    for name in ("distilbert-rte", "bilstm-rte"):
+        assert f"[model card](../publish/{name}/README.md)" in report
+        assert (main / "report" / ".." / "publish" / name / "README.md").is_file()
+    assert "BiLSTMForSequenceClassification, text-classification" in report
 
 
 def test_report_compares_the_run_with_its_baseline(demo_like_runs):
@@ -108,8 +123,9 @@ def test_report_compares_task_distillation_with_labels_alone_and_places_every_mo
     names = {point["name"]: point for point in manifest["accuracy_latency"]}
     assert set(names) == {"teacher", "triple_loss (labels)", "triple_loss (task-distilled)", "random_init (labels)",
                           "bilstm (labels)", "bilstm (task-distilled)"}
-    assert names["random_init (labels)"]["timed_as"] == "student"  # the same shape as the main run's student
-    assert names["bilstm (labels)"]["timed_as"] == "model"  # bench-cpu's name of init-student/model
+    # bench-cpu timed the exported task-distilled models: each run's student is placed by the one of its shape
+    assert names["random_init (labels)"]["timed_as"] == "distilbert-rte"
+    assert names["bilstm (labels)"]["timed_as"] == "bilstm-rte"
     assert "![accuracy vs latency](accuracy_latency.png)" in report and "| yes |" in report
     assert (main / "report" / "accuracy_latency.png").stat().st_size > 0
     assert "The teacher predicts" in report and "of masked tokens drawn uniformly" in report

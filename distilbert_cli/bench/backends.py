@@ -1,27 +1,32 @@
 """The inference backends bench-cpu times, each built from the same deployable checkpoint: eager PyTorch, its
-torch.compile, dynamic int8, and ONNX Runtime fp32 / int8."""
+torch.compile, dynamic int8, and ONNX Runtime on the fp32 graph, its fused graph and int8 of that. The ONNX graphs
+come from the run's export stage when it exported this very model (`export/<name>/onnx*/`), and are otherwise built
+by the same code (deploy/onnx_models.py): bench-cpu never has an ONNX path of its own."""
 
 from __future__ import annotations
 
 import importlib.util
-import inspect
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
-from distilbert_cli.bench.workload import make_batches
+from distilbert_cli import artifacts
+from distilbert_cli.deploy import onnx_models
 from distilbert_cli.models.loading import count_parameters, load_model
 from distilbert_cli.models.run_models import ModelChoice
+from distilbert_cli.rundir import Run
 
-BACKENDS = ("eager", "compile", "int8", "onnx", "onnx_int8")
+if TYPE_CHECKING:
+    from distilbert_cli.schema import BenchCpu
+
+ONNX_BACKENDS = (onnx_models.FP32, onnx_models.OPTIMIZED, onnx_models.INT8)  # the export stage's folder names
+BACKENDS = ("eager", "compile", "int8", *ONNX_BACKENDS)
 # Packages a backend needs beyond torch; a missing one skips the backend with a note.
-BACKEND_PACKAGES = {"onnx": ("onnx", "onnxruntime"), "onnx_int8": ("onnx", "onnxruntime")}
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+BACKEND_PACKAGES = {name: ("onnx", "onnxruntime", "onnxscript") for name in ONNX_BACKENDS}
 
 
 @dataclass
@@ -34,9 +39,16 @@ class Backend:
     artifact: str
 
 
+@dataclass
+class Deployable:
+    """The checkpoint every backend of one model starts from, and its ONNX graphs (the export stage's, or built
+    into `onnx_root` when first asked for)."""
 
-def directory_size(path: Path) -> int:
-    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+    checkpoint: Path
+    onnx_root: Path
+    exported: bool  # the export stage's copy of this model
+    input_names: tuple[str, ...]
+    graphs: dict[str, tuple[Path, str]] = field(default_factory=dict)  # ONNX backend -> (graph, how it was made)
 
 
 def load_regressor(source: str, trust_remote_code: bool, role: str):
@@ -49,18 +61,47 @@ def load_regressor(source: str, trust_remote_code: bool, role: str):
                       dtype=torch.float32, ignore_mismatched_sizes=True).eval()
 
 
-def save_deployable(choice: ModelChoice, tokenizer, cfg: DictConfig, out_dir: Path) -> tuple[dict, tuple[str, ...]]:
-    """Save `choice` as deployed for STS-B to `out_dir`: every backend starts from these exact weights."""
-    torch.manual_seed(cfg.seed)  # the regression head is freshly initialised: the same one every run
-    model = load_regressor(choice.source, cfg.trust_remote_code, f"model {choice.name}")
-    accepted = inspect.signature(model.forward).parameters
-    input_names = tuple(name for name in INPUT_NAMES if name in accepted and name in tokenizer.model_input_names)
-    model.save_pretrained(out_dir)
+def load_deployed(checkpoint: Path, trust_remote_code: bool, attn_implementation: str = "sdpa"):
+    """The deployable checkpoint as saved, head included."""
+    from transformers import AutoModelForSequenceClassification
+
+    return load_model(AutoModelForSequenceClassification, str(checkpoint), trust_remote_code=trust_remote_code,
+                      role="deployable checkpoint", attn_implementation=attn_implementation,
+                      dtype=torch.float32).eval()
+
+
+def exported_copy(run_dir: Run, choice: ModelChoice) -> dict | None:
+    """What the run's export stage recorded of `choice` (same name and source, a sequence-classification head:
+    what bench-cpu times), or None."""
+    facts = artifacts.exported_models(run_dir).get(choice.name)
+    if facts is None or facts["export_task"] != "text-classification":
+        return None
+    return facts if Path(facts["source"]).resolve() == Path(choice.source).resolve() else None
+
+
+def deployable(choice: ModelChoice, tokenizer, cfg: BenchCpu, run_dir: Run, workdir: Path) -> tuple[Deployable, dict]:
+    """The checkpoint every backend starts from, and the model's facts: the export stage's copy of this model (its
+    own head) when there is one, else `choice` saved as deployed for STS-B (a fresh regression head)."""
+    exported = exported_copy(run_dir, choice)
+    if exported is not None:
+        folder = artifacts.ExportedModel(run_dir.stage_dir(artifacts.EXPORT) / choice.name)
+        model = load_deployed(folder.path, cfg.trust_remote_code)
+        deployed = Deployable(folder.path, folder.path, True, tuple(exported["inputs"]),
+                              {name: (folder.variant(name), exported["variants"][name]["how"])
+                               for name in ONNX_BACKENDS if name in exported["variants"]})
+        deployed_as = f"export/{choice.name} (its own {model.config.num_labels}-output head, as exported)"
+    else:
+        torch.manual_seed(cfg.seed)  # the regression head is freshly initialised: the same one every run
+        model = load_regressor(choice.source, cfg.trust_remote_code, f"model {choice.name}")
+        model.save_pretrained(workdir / "checkpoint")
+        deployed = Deployable(workdir / "checkpoint", workdir / "onnx-graphs", False,
+                              onnx_models.model_input_names(model, tokenizer))
+        deployed_as = "the encoder with a fresh 1-output regression head (STS-B)"
     info = {"name": choice.name, "source": choice.source, "architecture": type(model).__name__,
             "num_layers": model.config.num_hidden_layers, "hidden_size": model.config.hidden_size,
             "parameters": count_parameters(model), "attention": model.config._attn_implementation,
-            "inputs": list(input_names)}
-    return info, input_names
+            "inputs": list(deployed.input_names), "deployed_as": deployed_as}
+    return deployed, info
 
 
 def missing_packages(backend: str) -> list[str]:
@@ -78,85 +119,43 @@ def _torch_backend(model, size_bytes: int, artifact: str) -> Backend:
     return Backend(prepare, predict, size_bytes, artifact)
 
 
-class _PositionalLogits(torch.nn.Module):
-    """ONNX export traces positional inputs: feed them by name and keep only the logits."""
-
-    def __init__(self, model, input_names: Sequence[str]):
-        super().__init__()
-        self.model, self.input_names = model, tuple(input_names)
-
-    def forward(self, *tensors):
-        return self.model(**dict(zip(self.input_names, tensors, strict=True))).logits
-
-
-def export_sample(example: dict[str, np.ndarray], pad_token_id: int) -> dict[str, np.ndarray]:
-    """A batch of `example` and a shorter copy: with padding in the traced batch the exported graph keeps the
-    attention mask (a mask of all ones can be traced away)."""
-    short = {name: array[:max(2, len(array) // 2)] for name, array in example.items()}
-    return make_batches([example, short], 2, None, pad_token_id)[0]
-
-
-def export_onnx(checkpoint: Path, input_names: Sequence[str], sample: dict[str, np.ndarray], path: Path,
-                trust_remote_code: bool) -> Path:
-    """The deployable model as ONNX (opset 17), batch and sequence axes dynamic; reused once exported."""
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = load_regressor(str(checkpoint), trust_remote_code, "deployable checkpoint")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer warns about every Python-level shape check
-        # The TorchScript exporter (dynamo=False) needs no onnxscript.
-        torch.onnx.export(_PositionalLogits(model, input_names),
-                          tuple(torch.from_numpy(sample[name]) for name in input_names), str(path),
-                          input_names=list(input_names), output_names=["logits"], opset_version=17,
-                          dynamic_axes={**{name: {0: "batch", 1: "sequence"} for name in input_names},
-                                        "logits": {0: "batch"}}, dynamo=False)
-    return path
-
-
 def _onnx_backend(path: Path, threads: int, artifact: str) -> Backend:
-    import onnxruntime as ort
+    session = onnx_models.OnnxModel(path, threads)
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    # The exporter drops an input the graph never reads (DeBERTa-v3's token_type_ids: it has no token types).
-    graph_inputs = [graph_input.name for graph_input in session.get_inputs()]
+    def predict(feed):
+        return session.run(feed)["logits"]
 
-    def prepare(batch):
-        return {name: batch[name] for name in graph_inputs}
-
-    def predict(inputs):
-        return session.run(["logits"], inputs)[0]
-
-    return Backend(prepare, predict, path.stat().st_size, artifact)
+    return Backend(session.feed, predict, path.stat().st_size, artifact)
 
 
-def build_backend(name: str, checkpoint: Path, input_names: Sequence[str], sample: dict[str, np.ndarray],
-                  workdir: Path, threads: int, cfg: DictConfig) -> Backend:
+def onnx_graph(name: str, deployed: Deployable, sample: dict[str, np.ndarray], cfg: BenchCpu) -> tuple[Path, str]:
+    """The graph of ONNX backend `name` and how it was made: the export stage's, or built now (every ONNX backend
+    asked for at once, once per model, eager attention as the export stage exports)."""
+    if name not in deployed.graphs and not deployed.exported:
+        wanted = [backend for backend in ONNX_BACKENDS if backend in cfg.bench.backends]
+        model = load_deployed(deployed.checkpoint, cfg.trust_remote_code, attn_implementation="eager")
+        graphs = onnx_models.build_variants(model, sample, deployed.onnx_root, wanted, per_channel=False)
+        deployed.graphs.update({variant: (graph.path, graph.how) for variant, graph in graphs.items()})
+    if name not in deployed.graphs:
+        raise FileNotFoundError(f"the export stage has no {name} graph of this model")
+    return deployed.graphs[name]
+
+
+def build_backend(name: str, deployed: Deployable, sample: dict[str, np.ndarray], workdir: Path, threads: int,
+                  cfg: BenchCpu) -> Backend:
     """Build one backend from the deployable checkpoint (torch.compile compiles lazily, at the first batch)."""
-    trust = cfg.trust_remote_code
-    weights = directory_size(checkpoint)
+    trust, checkpoint = cfg.trust_remote_code, deployed.checkpoint
+    weights = sum(path.stat().st_size for path in checkpoint.glob("*.safetensors"))
     if name == "eager":
-        return _torch_backend(load_regressor(str(checkpoint), trust, "checkpoint"), weights, "safetensors fp32")
+        return _torch_backend(load_deployed(checkpoint, trust), weights, "safetensors fp32")
     if name == "compile":
-        model = torch.compile(load_regressor(str(checkpoint), trust, "checkpoint"),
-                              backend=cfg.bench.compile_backend, dynamic=True)
+        model = torch.compile(load_deployed(checkpoint, trust), backend=cfg.bench.compile_backend, dynamic=True)
         return _torch_backend(model, weights, f"safetensors fp32, torch.compile({cfg.bench.compile_backend})")
     if name == "int8":
-        model = torch.ao.quantization.quantize_dynamic(load_regressor(str(checkpoint), trust, "checkpoint"),
-                                                       {torch.nn.Linear}, dtype=torch.qint8)
+        model = torch.ao.quantization.quantize_dynamic(load_deployed(checkpoint, trust), {torch.nn.Linear},
+                                                       dtype=torch.qint8)
         path = workdir / "int8.pt"
         torch.save(model.state_dict(), path)
         return _torch_backend(model, path.stat().st_size, "torch state_dict, int8 Linear weights")
-    fp32_path = export_onnx(checkpoint, input_names, sample, workdir / "onnx" / "model.onnx", trust)
-    if name == "onnx":
-        return _onnx_backend(fp32_path, threads, "ONNX fp32")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    int8_path = workdir / "onnx" / "model.int8.onnx"
-    quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8)
-    return _onnx_backend(int8_path, threads, "ONNX, int8 MatMul weights")
-
-
+    path, how = onnx_graph(name, deployed, sample, cfg)
+    return _onnx_backend(path, threads, f"ONNX Runtime: {how}" + (" (export stage)" if deployed.exported else ""))

@@ -13,16 +13,22 @@ import resource
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from distilbert_cli.bench.backends import Backend, build_backend, export_sample, missing_packages, save_deployable
+from distilbert_cli.bench.backends import Backend, build_backend, deployable, missing_packages
 from distilbert_cli.bench.workload import Workload, encode, make_batches
+from distilbert_cli.deploy.onnx_models import export_sample
 from distilbert_cli.logs import is_main_process
 from distilbert_cli.models.run_models import ModelChoice
+from distilbert_cli.rundir import Run
+from distilbert_cli.tasks.base import Task
+
+if TYPE_CHECKING:
+    from distilbert_cli.schema import BenchCpu, BenchSettings
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +122,16 @@ def _skipped(model: str, backend: str, batch_sizes: Sequence[int], note: str) ->
             for size in batch_sizes]
 
 
-def bench_model(choice: ModelChoice, tokenizer, cfg: DictConfig, workload: Workload, indices: np.ndarray,
-                workdir: Path, threads: int) -> tuple[dict, list[dict], list[dict]]:
+def bench_model(choice: ModelChoice, tokenizer, cfg: BenchCpu, run_dir: Run, task: Task, workload: Workload,
+                indices: np.ndarray, workdir: Path, threads: int) -> tuple[dict, list[dict], list[dict]]:
     """Time one model under every backend and batch size: (model facts, result rows, output checks)."""
     bench = cfg.bench
-    checkpoint = workdir / "checkpoint"
-    info, input_names = save_deployable(choice, tokenizer, cfg, checkpoint)
-    examples = encode(tokenizer, workload, indices, input_names, bench.max_seq_length)
+    deployed, info = deployable(choice, tokenizer, cfg, run_dir, workdir)
+    examples = encode(task, tokenizer, workload, indices, deployed.input_names, cfg.task)
     info["mean_tokens"] = float(np.mean([len(example["input_ids"]) for example in examples]))
-    pad_to = bench.max_seq_length if bench.padding == "max_length" else None
+    pad_to = task.input_length(cfg.task)[0] if bench.padding == "max_length" else None
     check_batches = make_batches(examples[:bench.check_examples], 1, pad_to, tokenizer.pad_token_id)
-    sample = export_sample(examples[0], tokenizer.pad_token_id)
+    sample = export_sample(examples, deployed.input_names, tokenizer.pad_token_id)
     log.info("%s: %s, %d layers, %.1fM parameters, %.1f tokens per example on average", choice.name,
              info["architecture"], info["num_layers"], info["parameters"] / 1e6, info["mean_tokens"])
 
@@ -140,7 +145,7 @@ def bench_model(choice: ModelChoice, tokenizer, cfg: DictConfig, workload: Workl
             continue
         try:
             start = time.perf_counter()
-            backend = build_backend(name, checkpoint, input_names, sample, workdir, threads, cfg)
+            backend = build_backend(name, deployed, sample, workdir, threads, cfg)
             predictions = predict_all(backend, check_batches)  # torch.compile compiles here
             build_s = time.perf_counter() - start
             if reference is None:
@@ -166,7 +171,7 @@ def bench_model(choice: ModelChoice, tokenizer, cfg: DictConfig, workload: Workl
 
 
 def measure(model: str, backend_name: str, backend: Backend, examples: list[dict[str, np.ndarray]],
-            batch_size: int, pad_to: int | None, pad_token_id: int, full_examples: int, bench: DictConfig) -> dict:
+            batch_size: int, pad_to: int | None, pad_token_id: int, full_examples: int, bench: BenchSettings) -> dict:
     batches = make_batches(examples, batch_size, pad_to, pad_token_id)
     release_memory()
     reset_peak_rss()

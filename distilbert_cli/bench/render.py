@@ -72,8 +72,8 @@ def render_markdown(results: dict) -> str:
     lines = ["# CPU inference benchmark (the paper's Table 3)", ""]
     if workload["generated"]:
         lines += ["**The workload is generated, not the real dev set: compare these times with care.**", ""]
-    lines += [f"- Workload: {workload['description']}; max_seq_length {workload['max_seq_length']}, padding "
-              f"{workload['padding']}; tokenized before timing.",
+    lines += [f"- Workload: {workload['description']}; {workload['encoding']} (task.max_seq_length), padding "
+              f"{workload['padding']}; encoded by the task before timing.",
               f"- Timed: {workload['timed_examples']} of {workload['examples']} examples ({workload['sample']}); "
               f"{method['warmup_batches']} warm-up batches, {method['repeats']} timed passes"
               + (f" in each of {method['rounds']} rounds (models in alternating order), pooled"

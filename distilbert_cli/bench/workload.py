@@ -1,17 +1,23 @@
-"""The bench-cpu workload: a task's dev sentences (or a labelled generated stand-in), tokenized once and cut
-into padded batches before any timing."""
+"""The bench-cpu workload: a task's dev sentences (or a labelled generated stand-in), encoded once by the task's
+own `encode` (so `task.max_seq_length`, `task.truncation` and `task.head_tokens` mean here what they mean in
+finetune and export) and cut into padded batches before any timing."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from omegaconf import DictConfig
 
+from distilbert_cli.deploy.onnx_models import pad_batch
 from distilbert_cli.errors import UsageError
 from distilbert_cli.tasks import get_task
+from distilbert_cli.tasks.base import Task
+
+if TYPE_CHECKING:
+    from distilbert_cli.schema import BenchCpu
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +39,10 @@ GENERATED_LENGTHS = (4, 19)  # [low, high) words per sentence
 class Workload:
     description: str
     generated: bool
-    texts: tuple[list[str], list[str] | None]  # first sentences, second sentences (None: single-sentence task)
+    examples: object  # a datasets.Dataset in the task's columns: sentence1 (sentence2 for pairs), label
 
     def __len__(self) -> int:
-        return len(self.texts[0])
+        return len(self.examples)
 
 
 
@@ -46,13 +52,17 @@ def generated_workload(seed: int, reason: str) -> Workload:
     def sentence() -> str:
         return " ".join(rng.choice(GENERATED_WORDS, size=rng.integers(*GENERATED_LENGTHS))).capitalize() + "."
 
+    from datasets import Dataset
+
     first, second = zip(*[(sentence(), sentence()) for _ in range(GENERATED_PAIRS)], strict=True)
     low, high = GENERATED_LENGTHS
+    examples = Dataset.from_dict({"sentence1": list(first), "sentence2": list(second),
+                                  "label": [0.0] * GENERATED_PAIRS})
     return Workload(f"GENERATED: {GENERATED_PAIRS} random pairs of {low}-{high - 1} common English words, not "
-                    f"real sentences ({reason})", True, (list(first), list(second)))
+                    f"real sentences ({reason})", True, examples)
 
 
-def load_workload(cfg: DictConfig) -> Workload:
+def load_workload(cfg: BenchCpu) -> Workload:
     """The task's first dev split; with task.data_dir null and the hub unreachable, a labelled generated one."""
     task = get_task(cfg.task.names[0])
     split = task.dev_splits[0]
@@ -65,9 +75,8 @@ def load_workload(cfg: DictConfig) -> Workload:
         return generated_workload(cfg.seed, f"{task.title} {split} unreachable on the hub")
     where = task.describe_data(cfg.task)
     pairs = "sentence2" in dataset.column_names
-    second = dataset["sentence2"] if pairs else None
     return Workload(f"{task.title} {split}, {len(dataset)} {'pairs' if pairs else 'sentences'} ({where})",
-                    False, (dataset["sentence1"], second))
+                    False, dataset)
 
 
 def timed_indices(size: int, max_examples: int | None, seed: int) -> np.ndarray:
@@ -77,31 +86,18 @@ def timed_indices(size: int, max_examples: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(size, size=max_examples, replace=False))
 
 
-def encode(tokenizer, workload: Workload, indices: np.ndarray, input_names: Sequence[str],
-           max_seq_length: int) -> list[dict[str, np.ndarray]]:
-    """Each selected example tokenized once (truncated, unpadded), as int64 arrays."""
-    first, second = workload.texts
-    texts = ([first[i] for i in indices],) + (([second[i] for i in indices],) if second is not None else ())
-    encoded = tokenizer(*texts, truncation=True, max_length=max_seq_length, return_attention_mask=True,
-                        return_token_type_ids="token_type_ids" in input_names)
-    return [{name: np.asarray(encoded[name][row], dtype=np.int64) for name in input_names}
-            for row in range(len(indices))]
+def encode(task: Task, tokenizer, workload: Workload, indices: np.ndarray, input_names: Sequence[str],
+           settings) -> list[dict[str, np.ndarray]]:
+    """Each selected example encoded once by the task (truncated as the task settings say, unpadded), as int64
+    arrays of the model's inputs."""
+    features = task.encode(workload.examples.select(indices), tokenizer, settings, "token_type_ids" in input_names,
+                           training=False)
+    return [{name: np.asarray(row[name], dtype=np.int64) for name in input_names}
+            for row in features.select_columns(list(input_names)).to_list()]
 
 
 def make_batches(examples: list[dict[str, np.ndarray]], batch_size: int, pad_to: int | None,
                  pad_token_id: int) -> list[dict[str, np.ndarray]]:
     """Consecutive examples padded to the batch's longest (`pad_to` None) or to `pad_to` tokens."""
-    batches = []
-    for start in range(0, len(examples), batch_size):
-        rows = examples[start:start + batch_size]
-        width = pad_to or max(len(row["input_ids"]) for row in rows)
-        batch = {}
-        for name in rows[0]:
-            fill = pad_token_id if name == "input_ids" else 0
-            batch[name] = np.full((len(rows), width), fill, dtype=np.int64)
-            for i, row in enumerate(rows):
-                batch[name][i, :len(row[name])] = row[name]
-        batches.append(batch)
-    return batches
-
-
+    return [pad_batch(examples[start:start + batch_size], list(examples[0]), pad_token_id, pad_to)
+            for start in range(0, len(examples), batch_size)]

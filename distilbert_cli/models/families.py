@@ -56,6 +56,9 @@ class Family:
     attention_query: str | None = None
     attention_key: str | None = None
     attention_value: str | None = None
+    # The model type of ONNX Runtime's transformer optimizer whose fusions (attention, SkipLayerNormalization, GELU)
+    # fit the family's exported graph (onnxruntime.transformers.optimizer); None: its graph is left unfused.
+    onnx_fusions: str | None = None
 
     def layer_pattern(self) -> re.Pattern:
         """Matches a parameter of layer i: group 1 is i."""
@@ -121,7 +124,7 @@ BERT = Family(
         "vocab_layer_norm": "cls.predictions.transform.LayerNorm",
         "vocab_projector": "cls.predictions.decoder",
     },
-    auto_student="distilbert",
+    auto_student="distilbert", onnx_fusions="bert",
 )
 
 # RoBERTa and the models built on its code (XLM-R, CamemBERT): BERT's layers, a `lm_head`. Position ids start
@@ -132,7 +135,7 @@ ROBERTA = Family(
     head_transform=("lm_head.dense.", "lm_head.layer_norm."), mlm_head=_lm_head,
     token_type_embeddings="roberta.embeddings.token_type_embeddings",
     position_embeddings="roberta.embeddings.position_embeddings", extra_inputs=("token_type_ids",),
-    positions_after_padding=True,
+    positions_after_padding=True, onnx_fusions="bert",
     **BERT_ATTENTION,
 )
 
@@ -145,7 +148,7 @@ ELECTRA = Family(
     head_transform=("generator_predictions.",), mlm_head=_electra_head,
     token_type_embeddings="electra.embeddings.token_type_embeddings",
     position_embeddings="electra.embeddings.position_embeddings", extra_inputs=("token_type_ids",),
-    **BERT_ATTENTION,
+    onnx_fusions="bert", **BERT_ATTENTION,
 )
 
 # DeBERTa-v2/v3: disentangled attention over relative positions, whose table (deberta.encoder.rel_embeddings,
@@ -180,6 +183,7 @@ DISTILBERT = Family(
     head_transform=("vocab_transform.", "vocab_layer_norm."), mlm_head=_distilbert_head,
     position_embeddings="distilbert.embeddings.position_embeddings", intermediate_size="hidden_dim",
     attention_query="attention.q_lin", attention_key="attention.k_lin", attention_value="attention.v_lin",
+    onnx_fusions="bert",
 )
 
 # MobileBERT (a student kind, +experiment=mobilebert): bottleneck blocks whose queries and keys come from the

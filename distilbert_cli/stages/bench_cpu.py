@@ -6,8 +6,11 @@
 
 Each model is timed as deployed for STS-B: loaded (from any checkpoint, an MLM one included) as
 AutoModelForSequenceClassification with one regression output, saved once as the deployable checkpoint
-that every backend is built from. The workload is the task's dev pairs (STS-B dev: 1500), tokenized
-once before any timing; a generated workload replaces it, labelled so, when the hub is unreachable.
+that every backend is built from. A model the run's export stage exported (same name and source, a
+classification head) is timed as exported instead: its PyTorch copy, and its onnx, onnx_optimized and
+onnx_int8 graphs, which bench-cpu does not build again. The workload is the task's dev pairs (STS-B dev:
+1500), encoded once by the task before any timing (task.max_seq_length, task.truncation); a generated
+workload replaces it, labelled so, when the hub is unreachable.
 Latency is one forward pass of one pre-tokenized batch (`time.perf_counter` around the call only), after
 warm-up, repeated `bench.repeats` times with the thread count pinned (and, with `bench.rounds`, the whole
 measurement repeated with the models in alternating order, passes pooled). Writes `<run_dir>/bench-cpu/`:
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 from distilbert_cli import artifacts
+from distilbert_cli.bench.backends import exported_copy
 from distilbert_cli.bench.measure import bench_model, current_rss_bytes, pool_rounds, release_memory, reset_peak_rss
 from distilbert_cli.bench.render import (
     PUBLISHED,
@@ -49,14 +53,14 @@ from distilbert_cli.tasks.base import SequenceClassificationTask
 log = logging.getLogger(__name__)
 
 
-def resolve_models(cfg: BenchCpu, run_dir: Run) -> list[ModelChoice]:
+def resolve_models(cfg: BenchCpu, run_dir: Run, task: SequenceClassificationTask) -> list[ModelChoice]:
     """`bench.models` entries as (name, source, role); the run's teacher and student need their complete stages."""
     choices = resolve_run_models(run_dir, cfg.bench.models, "bench.models")
+    length, setting = task.input_length(cfg.task)
     for choice in choices:
         config = load_config(choice.source, cfg.trust_remote_code, role=f"model {choice.name}")
-        if (longest := max_sequence_length(config)) is not None and cfg.bench.max_seq_length > longest:
-            raise UsageError(f"bench.max_seq_length={cfg.bench.max_seq_length} exceeds the {longest} tokens model "
-                             f"{choice.name} takes")
+        if (longest := max_sequence_length(config)) is not None and length > longest:
+            raise UsageError(f"{setting}={length} exceeds the {longest} tokens model {choice.name} takes")
     return choices
 
 
@@ -67,7 +71,7 @@ def run(cfg: BenchCpu, overrides: Sequence[str] = ()) -> dict:
         raise UsageError(f"bench-cpu times sequence classification (the paper's STS-B); {task.name} is not")
     task.check_files(cfg.task, task.dev_splits[:1])
     run_dir = Run.of(cfg)
-    choices = resolve_models(cfg, run_dir)
+    choices = resolve_models(cfg, run_dir, task)
     bench = cfg.bench
     tokenizers = [load_tokenizer(choice.source, cfg.trust_remote_code, role=f"model {choice.name} tokenizer")
                   for choice in choices]
@@ -77,6 +81,8 @@ def run(cfg: BenchCpu, overrides: Sequence[str] = ()) -> dict:
             if choice.stage is not None:
                 stage.use_stage(choice.stage)
             stage.use_model(choice.source, f"model {choice.name}")
+        if any(exported_copy(run_dir, choice) for choice in choices):
+            stage.use_stage(artifacts.EXPORT)  # its graphs are timed, not exported again
         workload = load_workload(cfg)
         for path in task.local_files(cfg.task, task.dev_splits[:1]).values():
             stage.use_path(path, "workload")
@@ -102,8 +108,8 @@ def run(cfg: BenchCpu, overrides: Sequence[str] = ()) -> dict:
                     for number, (choice, tokenizer) in order if round_number % 2 == 0 else reversed(order):
                         workdir = Path(tmp) / f"round-{round_number}-model-{number}"
                         workdir.mkdir()
-                        info, model_rows, model_checks = bench_model(choice, tokenizer, cfg, workload, indices,
-                                                                     workdir, threads)
+                        info, model_rows, model_checks = bench_model(choice, tokenizer, cfg, run_dir, task,
+                                                                     workload, indices, workdir, threads)
                         models.setdefault(number, info)
                         rows_by_round[-1] += model_rows
                         checks += model_checks if round_number == 0 else []
@@ -117,7 +123,8 @@ def run(cfg: BenchCpu, overrides: Sequence[str] = ()) -> dict:
             "workload": {"description": workload.description, "generated": workload.generated,
                          "examples": len(workload), "timed_examples": int(len(indices)),
                          "sample": f"seeded random sample (seed {cfg.seed})" if sampled else "all",
-                         "max_seq_length": bench.max_seq_length, "padding": bench.padding},
+                         "max_seq_length": task.input_length(cfg.task)[0], "padding": bench.padding,
+                         "encoding": task.describe_settings(cfg.task)},
             "method": {"batch_sizes": list(bench.batch_sizes), "warmup_batches": bench.warmup_batches,
                        "repeats": bench.repeats, "rounds": bench.rounds, "check_examples": bench.check_examples,
                        "latency": "time.perf_counter around one forward pass of one pre-tokenized batch; "

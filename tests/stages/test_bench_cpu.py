@@ -9,16 +9,19 @@ import numpy as np
 import pytest
 import torch
 from builders import GLUE_DIR, build_tiny_bert, build_tiny_distilbert, open_stage
+from datasets import Dataset
 from typer.testing import CliRunner
 
 from distilbert_cli.bench import backends, measure, workload
 from distilbert_cli.cli import app
 from distilbert_cli.config import compose_config
+from distilbert_cli.deploy.onnx_models import export_sample
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models.loading import load_tokenizer
 from distilbert_cli.models.run_models import ModelChoice
-from distilbert_cli.rundir import read_manifest
+from distilbert_cli.rundir import Run, read_manifest
 from distilbert_cli.stages import bench_cpu
+from distilbert_cli.tasks import get_task
 
 runner = CliRunner()
 # One thread: on a busy 2-core machine two OpenMP threads wait on each other and swamp the timings.
@@ -118,19 +121,25 @@ def test_run_teacher_and_student_every_backend_checked_against_eager(tiny_run):
 
 def test_onnx_export_keeps_the_attention_mask_for_padded_batches(tmp_path):
     model_dir = build_tiny_bert(tmp_path / "model", num_layers=1)
-    cfg = compose_config("bench_cpu", [*QUICK])
+    cfg = compose_config("bench_cpu", [*QUICK, "bench.backends=[eager,onnx,onnx_optimized,onnx_int8]"])
     tokenizer = load_tokenizer(str(model_dir))
-    _, names = backends.save_deployable(ModelChoice("m", str(model_dir), "other"), tokenizer, cfg,
-                                         tmp_path / "checkpoint")
+    deployed, _ = backends.deployable(ModelChoice("m", str(model_dir), "other"), tokenizer, cfg, Run.of(cfg), tmp_path)
     texts = ["the city", "a small river", "the first book of the war", "music", "he was born in the city"]
-    pairs = workload.Workload("test", False, (texts, texts[::-1]))
-    examples = workload.encode(tokenizer, pairs, np.arange(len(texts)), names, 64)
-    sample = backends.export_sample(examples[0], tokenizer.pad_token_id)
+    pairs = workload.Workload("test", False, Dataset.from_dict({"sentence1": texts, "sentence2": texts[::-1],
+                                                                "label": [0.0] * 5}))
+    examples = workload.encode(get_task("stsb"), tokenizer, pairs, np.arange(len(texts)), deployed.input_names,
+                               cfg.task)
+    sample = export_sample(examples, deployed.input_names, tokenizer.pad_token_id)
     assert sample["attention_mask"].tolist()[1].count(0) > 0
-    eager, onnx = (backends.build_backend(name, tmp_path / "checkpoint", names, sample, tmp_path, 1, cfg)
-                   for name in ("eager", "onnx"))
+    built = {name: backends.build_backend(name, deployed, sample, tmp_path, 1, cfg)
+             for name in ("eager", "onnx", "onnx_optimized", "onnx_int8")}
+    assert set(deployed.graphs) == {"onnx", "onnx_optimized", "onnx_int8"}  # built once, all three
+    eager = built.pop("eager")
     for batch in workload.make_batches(examples, 3, None, tokenizer.pad_token_id) + [sample]:
-        np.testing.assert_allclose(onnx.predict(onnx.prepare(batch)), eager.predict(eager.prepare(batch)), atol=1e-5)
+        expected = eager.predict(eager.prepare(batch))
+        for name, backend in built.items():
+            np.testing.assert_allclose(backend.predict(backend.prepare(batch)), expected,
+                                       atol=2e-2 if name == "onnx_int8" else 1e-5)
 
 
 def test_compile_backend_matches_eager(tmp_path):
@@ -171,12 +180,38 @@ def test_missing_package_and_failed_build_are_skipped_with_a_note(tmp_path, monk
 def test_workload_is_stsb_dev_or_a_labelled_generated_fallback():
     local = workload.load_workload(compose_config("bench_cpu", [f"task.data_dir={GLUE_DIR}"]))
     assert len(local) == 64 and not local.generated
-    assert local.texts[0][0] == "A man with a hard hat is dancing."
+    assert local.examples["sentence1"][0] == "A man with a hard hat is dancing."
     # HF_HUB_OFFLINE=1 (conftest): the hub is unreachable, so the generated workload stands in.
     offline = workload.load_workload(compose_config("bench_cpu"))
     assert offline.generated and len(offline) == 1500 and offline.description.startswith("GENERATED")
     assert "STS-B dev unreachable on the hub" in offline.description
-    assert offline.texts == workload.generated_workload(56, "x").texts  # seeded
+    assert offline.examples.to_dict() == workload.generated_workload(56, "x").examples.to_dict()  # seeded
+
+
+def test_task_max_seq_length_changes_what_is_timed(tmp_path):
+    """The workload goes through the task's encode: task.max_seq_length cuts every timed pair (there is no
+    bench.max_seq_length of its own)."""
+    model_dir = build_tiny_bert(tmp_path / "model", num_layers=1)
+    tokenizer = load_tokenizer(str(model_dir))
+    local = workload.load_workload(compose_config("bench_cpu", [f"task.data_dir={GLUE_DIR}"]))
+    indices = workload.timed_indices(len(local), 8, 56)
+    timed = {}
+    for length in (12, 64):
+        cfg = compose_config("bench_cpu", [f"run_dir={tmp_path / f'run-{length}'}", f"bench.models=[{model_dir}]",
+                                           "bench.backends=[eager]", "bench.max_examples=8", *QUICK,
+                                           f"task.max_seq_length={length}"])
+        results = bench_cpu.run(cfg)
+        # independently: the pairs tokenized with the tokenizer's own truncation at that length
+        pairs = local.examples.select(indices)
+        lengths = [len(ids) for ids in tokenizer(list(pairs["sentence1"]), list(pairs["sentence2"]), truncation=True,
+                                                 max_length=length)["input_ids"]]
+        assert results["models"][0]["mean_tokens"] == pytest.approx(np.mean(lengths))
+        assert results["workload"]["max_seq_length"] == length
+        assert f"inputs cut to {length} tokens" in results["workload"]["encoding"]
+        timed[length] = results["models"][0]["mean_tokens"]
+    assert timed[12] == 12 < timed[64]  # every STS-B pair is longer than 12 tokens
+    with pytest.raises(Exception, match="unknown key|bench.max_seq_length"):
+        compose_config("bench_cpu", ["bench.max_seq_length=64"])
 
 
 def test_local_data_dir_without_stsb_is_a_usage_error(tmp_path):

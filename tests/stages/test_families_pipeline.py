@@ -73,10 +73,10 @@ def test_every_stage_runs_for_the_family(tmp_path, family):
 
     bench = [run, *GLUE, "bench.models=[student]"]
     longest = max_sequence_length(AutoConfig.from_pretrained(teacher))  # XLM-R: 130 positions, 128 tokens
-    refused = runner.invoke(app, ["bench-cpu", *bench, f"bench.max_seq_length={longest + 1}"])
+    refused = runner.invoke(app, ["bench-cpu", *bench, f"task.max_seq_length={longest + 1}"])
     assert refused.exit_code == 2 and f"exceeds the {longest} tokens model student takes" in refused.output
     distil("bench-cpu", *bench, "bench.backends=[eager,onnx]", "bench.max_examples=4", "bench.warmup_batches=0",
-           "bench.repeats=1", "bench.check_examples=4", "bench.num_threads=1", "bench.max_seq_length=48")
+           "bench.repeats=1", "bench.check_examples=4", "bench.num_threads=1", "task.max_seq_length=48")
     results = json.loads((tmp_path / "run" / "bench-cpu" / "results.json").read_text())
     assert all(row["status"] == "ok" for row in results["results"]), results["results"]
     (check,) = results["checks"]
