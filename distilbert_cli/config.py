@@ -92,11 +92,12 @@ def compose_config(command_config: str, overrides: Sequence[str] = ()) -> BaseMo
     from distilbert_cli.schema import validated  # imports torch (the loss registries): not for --help
 
     cfg = compose_unvalidated(command_config, overrides)
-    require_complete_config(cfg)
     try:
+        require_complete_config(cfg)
         container = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as exc:
-        raise UsageError(one_line(exc)) from exc
+    except OmegaConfBaseException as exc:  # an interpolation that does not resolve, e.g. key=${missing}
+        key = getattr(exc, "full_key", None)
+        raise UsageError(f"{key}: {one_line(exc)}" if key else one_line(exc)) from exc
     return validated(command_config, container)
 
 
@@ -114,7 +115,7 @@ def missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
         name = f"{prefix}{key}"
         if OmegaConf.is_missing(cfg, key):
             found.append(name)
-        elif isinstance(cfg[key], DictConfig):
+        elif not OmegaConf.is_interpolation(cfg, key) and isinstance(cfg[key], DictConfig):
             found.extend(missing_keys(cfg[key], f"{name}."))
     return found
 
