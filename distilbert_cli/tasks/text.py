@@ -20,13 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from distilbert_cli.errors import UsageError
+from distilbert_cli.errors import UsageError, first_line
 from distilbert_cli.tasks.base import TABLE2, Published, SequenceClassificationTask, TaskData
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 EMPTY_ROWS = "rows with an empty text or label"
+_MAX_CLASS_ID = 100_000  # integer labels above it are not class ids (a head that wide is a mistake)
 
 OWN_DATA = Published(
     "Your own data", "none (no paper reports your data)", {}, teacher=None, student=None,
@@ -189,10 +190,11 @@ def read_table(path: Path) -> dict[str, list]:
         else:
             parse = pa_csv.ParseOptions(delimiter="\t", quote_char=False) if suffix == ".tsv" else None
             table = pa_csv.read_csv(path, parse_options=parse)
-    except (pa.ArrowInvalid, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot read {path}: {first_line}") from exc
-    return table.to_pydict()
+        return table.to_pydict()
+    except UnicodeDecodeError as exc:  # a column name that is not UTF-8
+        raise UsageError(f"cannot read {path}: it is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except (pa.ArrowException, OSError) as exc:
+        raise UsageError(f"cannot read {path}: {first_line(exc)}") from exc
 
 
 def _is_id(value) -> bool:
@@ -210,6 +212,9 @@ def classes_in(columns: dict[str, list], label_field: str, declared: tuple[str, 
         return declared
     labels = [value for value in columns.get(label_field, []) if not _missing(value)]
     if labels and all(_is_id(value) for value in labels):
+        if max(labels) >= _MAX_CLASS_ID:
+            raise UsageError(f"label id {max(labels)} is too large for a class id (integer labels are class ids "
+                             "0..n-1; name the classes with task.data.label_names)")
         return tuple(str(i) for i in range(max(labels) + 1))
     return tuple(sorted({str(value) for value in labels}))
 
@@ -233,6 +238,10 @@ def normalise(columns: dict[str, list], where: str, fields: Fields, label_names:
         if any(_missing(value) for value in values):
             empty += 1
             continue
+        for name, value in zip(wanted, values, strict=True):
+            if not isinstance(value, str | int | float):  # a list, an object, bytes: not a text or a label
+                raise UsageError(f"{where}: field {name!r} of row {row} holds {str(value)[:40]!r}, not a text or a "
+                                 "label")
         for name, text in zip(names, values, strict=False):
             out[name].append(str(text))
         out["label"].append(_label(values[-1], label_names, where, row))
