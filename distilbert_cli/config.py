@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from distilbert_cli.errors import UsageError
+from distilbert_cli.errors import UsageError, first_line
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -80,6 +80,9 @@ def compose_unvalidated(command_config: str, overrides: Sequence[str] = ()) -> D
                 with open_dict(cfg):
                     for key in [key for key in cfg if key not in own]:
                         del cfg[key]
+    except OverrideParseException as exc:  # the override grammar's message alone does not say which override
+        raise UsageError(f"cannot parse the override {exc.override!r}: {first_line(exc)} (quote a value with "
+                         "characters such as [ ] { } , = : in single quotes)") from exc
     except (HydraException, OmegaConfBaseException) as exc:
         raise UsageError(one_line(exc)) from exc
     return cfg
