@@ -393,6 +393,8 @@ class Stage:
     def _read_stage(self, run: Run, stage: str, reads: str) -> tuple[Path, dict]:
         """Read-lock (once) and verify (once per glob) a stage of `run`; its folder and manifest."""
         key = (run.path.resolve(), stage)
+        if run.manifest(stage) is None:
+            run.require(stage)  # not found: refused before any lock file is made for it
         if is_main_process() and key not in self._reads:
             self._locks.enter_context(read_lock(run.path, stage, self._reader()))
             run._complete.pop(stage, None)  # read again under the lock: a writer may have replaced it since
