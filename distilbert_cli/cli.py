@@ -135,7 +135,8 @@ def expand_run_dir(overrides: list[str]) -> list[str]:
 
 
 def fail(message: str, code: int = USAGE_EXIT_CODE) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    """One `error:` line, whatever the message quotes (a file name or a field with a line break in it)."""
+    typer.echo("error: " + message.replace("\r", "\\r").replace("\n", "\\n"), err=True)
     return typer.Exit(code)
 
 

@@ -71,7 +71,7 @@ def check_corpus_file(path: Path, text_field: str) -> None:
         except (OSError, pa.ArrowException) as exc:
             raise UsageError(f"{path} is not a readable Parquet file: {first_line(exc)}") from exc
         if text_field not in schema.names:
-            raise UsageError(f"{path} has no column {text_field!r} (columns: {', '.join(schema.names)}; "
+            raise UsageError(f"{path} has no column {text_field!r} (columns: {', '.join(map(repr, schema.names))}; "
                              f"set data.text_field)")
         column_type = schema.field(text_field).type
         if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
@@ -88,8 +88,8 @@ def check_corpus_file(path: Path, text_field: str) -> None:
             except (ValueError, RecursionError):
                 continue  # an unreadable line is the bad-lines policy's business
             if isinstance(record, dict) and text_field not in record:
-                raise UsageError(f"{path}: records have no field {text_field!r} (fields: {', '.join(record)}; "
-                                 f"set data.text_field)")
+                raise UsageError(f"{path}: records have no field {text_field!r} (fields: "
+                                 f"{', '.join(map(repr, record))}; set data.text_field)")
             return
 
 
