@@ -670,10 +670,21 @@ def stage_lock(run_dir: Path, stage: str) -> Iterator[dict | None]:
         lock.release()
 
 
+def remove_tree(path: Path) -> None:
+    """Remove a stage's folder or one of its files or folders, never through a symbolic link: a link is refused with
+    one line naming it (shutil.rmtree refuses one too, in words that name no path)."""
+    if path.is_symlink():
+        raise UsageError(f"{path} is a symbolic link (to {os.readlink(path)}): a stage's folders must be real folders "
+                         "of the run directory; replace the link (nothing was removed through it)")
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _prepare_stage_dir(stage_dir: Path, overwrite: bool, keep_partial: bool) -> None:
     if stage_dir.is_symlink():
-        raise UsageError(f"{stage_dir} is a symbolic link (to {os.readlink(stage_dir)}): a stage folder must be a "
-                         "real folder of the run directory; replace the link (nothing was removed through it)")
+        remove_tree(stage_dir)  # refused, naming it
     if stage_dir.exists() and not stage_dir.is_dir():
         raise UsageError(f"{stage_dir} is a file where the stage's folder belongs: move or remove it")
     try:
@@ -685,9 +696,9 @@ def _prepare_stage_dir(stage_dir: Path, overwrite: bool, keep_partial: bool) -> 
     if manifest is not None and manifest.get("status") == "complete":
         if not overwrite:
             raise UsageError(f"stage already complete: {stage_dir} (pass overwrite=true to replace it)")
-        shutil.rmtree(stage_dir)
+        remove_tree(stage_dir)
     elif stage_dir.exists() and not keep_partial:
-        shutil.rmtree(stage_dir)  # leftovers of a crashed run are never reused silently
+        remove_tree(stage_dir)  # leftovers of a crashed run are never reused silently
     stage_dir.mkdir(parents=True, exist_ok=True)
     remove_temporaries(stage_dir)  # what a killed attempt was writing
 

@@ -241,7 +241,8 @@ def test_links_and_files_in_the_way_are_refused_and_nothing_is_removed_through_t
     (elsewhere / "keep.txt").write_text("precious")
     run_dir.mkdir()
     (run_dir / "distill").symlink_to(elsewhere)
-    with pytest.raises(UsageError, match=f"{run_dir / 'distill'} is a symbolic link \\(to {elsewhere}\\)"), \
+    with pytest.raises(UsageError, match=f"{run_dir / 'distill'} is a symbolic link \\(to {elsewhere}\\): a stage's "
+                                         "folders must be real folders"), \
             open_stage(_cfg(run_dir, overwrite=True), "distill"):
         pass
     (run_dir / ".finetune.lock").symlink_to(elsewhere / "keep.txt")

@@ -52,7 +52,8 @@ def test_a_stage_folder_that_is_a_link_is_refused_and_nothing_is_removed_through
     (run_dir / "init-student").symlink_to(elsewhere)
     before = digests(elsewhere)
     assert_refused(init_student(run_dir, tiny_teacher, "overwrite=true"), f"error: {run_dir / 'init-student'} is a "
-                   f"symbolic link (to {elsewhere}): a stage folder must be a real folder of the run directory")
+                   f"symbolic link (to {elsewhere}): a stage's folders must be real folders of the run directory",
+                   "nothing was removed through it")
     assert digests(elsewhere) == before
 
 
