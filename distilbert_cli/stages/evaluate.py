@@ -18,7 +18,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError, invalid_entry, unreadable
@@ -107,7 +107,11 @@ def evaluate_model_dirs(cfg: Evaluate, model_dirs: list, out_dir: Path) -> tuple
     return records, problems
 
 
-_DATA_PROBLEMS = TypeAdapter(dict[str, dict[str, dict[str, int]]])  # {task: {split: {what: count}}}
+class _FinetuneManifest(BaseModel):
+    """What the evaluation reads of the finetune stage's manifest."""
+
+    config: Finetune
+    data_problems: dict[str, dict[str, dict[str, int]]] = {}  # {task: {split: {what: count}}}
 
 
 def finetune_notes(manifest: dict, manifest_path: Path, tasks: Sequence[Task]) -> tuple[str, list[str], bool]:
@@ -115,10 +119,10 @@ def finetune_notes(manifest: dict, manifest_path: Path, tasks: Sequence[Task]) -
     manifest, read as the finetune config it records), for an honest table, and whether its models learned from soft
     targets ("(D)")."""
     try:
-        config = Finetune.model_validate(manifest["config"])
-        problems = _DATA_PROBLEMS.validate_python(manifest.get("data_problems", {}))
+        read = _FinetuneManifest.model_validate(manifest)
     except ValidationError as exc:
         raise unreadable(manifest_path, f"not a finetune manifest: {invalid_entry(exc)}") from None
+    config, problems = read.config, read.data_problems
     notes = [f"finetune.{key}={getattr(config.finetune, key)} (not the full split)"
              for key in ("max_train_samples", "max_eval_samples") if getattr(config.finetune, key) is not None]
     notes += problem_notes(problems) + settings_notes(tasks, config.task)

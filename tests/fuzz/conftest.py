@@ -1,6 +1,6 @@
 """Hypothesis settings of the fuzz tests: a small budget in CI (the default), a long one for a nightly run.
 
-    pytest tests/fuzz                                   # profile ci: 3 examples per config key, 60 per reader
+    pytest tests/fuzz                                   # profile ci: 2 examples per config key, 60 per reader
     HYPOTHESIS_PROFILE=nightly pytest tests/fuzz        # 100 per key, 3000 per reader (about an hour on 2 cores)
     pytest tests/fuzz --hypothesis-show-statistics      # examples and time of each reader test
 
