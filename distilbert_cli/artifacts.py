@@ -27,7 +27,9 @@ import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from distilbert_cli.errors import unreadable
+from pydantic import TypeAdapter, ValidationError
+
+from distilbert_cli.errors import invalid_entry, unreadable
 from distilbert_cli.rundir import MANIFEST, Run
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,10 @@ class PreparedData:
     def stats(self) -> Path:
         return self.path / "stats.json"
 
+    @property
+    def files(self) -> tuple[Path, ...]:  # what a complete stage must hold
+        return self.dataset / "train", self.dataset / "validation", self.token_counts, self.tokenizer, self.stats
+
 
 @dataclass(frozen=True)
 class InitStudentOutputs:
@@ -83,6 +89,10 @@ class InitStudentOutputs:
     @property
     def model(self) -> Path:
         return self.path / "model"
+
+    @property
+    def files(self) -> tuple[Path, ...]:  # what a complete stage must hold: weights, config, tokenizer
+        return tuple(self.model / name for name in ("model.safetensors", "config.json", "tokenizer_config.json"))
 
 
 @dataclass(frozen=True)
@@ -272,15 +282,21 @@ def read_jsonl(path: Path, drop_torn_tail: bool = False) -> list[dict]:
 
 
 def init_student_facts(run: Run) -> InitStudentFacts:
-    """The facts of the run's complete init-student stage."""
+    """The facts of the run's complete init-student stage, each of its type."""
     names = [field.name for field in fields(InitStudentFacts)]
     manifest = _init_student_manifest(run, names)
-    return InitStudentFacts(**{name: manifest[name] for name in names})
+    try:
+        return TypeAdapter(InitStudentFacts).validate_python({name: manifest[name] for name in names})
+    except ValidationError as exc:
+        raise unreadable(run.stage_dir(INIT_STUDENT) / MANIFEST, invalid_entry(exc)) from None
 
 
 def recorded_teacher(run: Run) -> str:
     """The teacher (hub name or local path) that the run's complete init-student stage was built from."""
-    return _init_student_manifest(run, ["teacher"])["teacher"]
+    teacher = _init_student_manifest(run, ["teacher"])["teacher"]
+    if not isinstance(teacher, str):
+        raise unreadable(run.stage_dir(INIT_STUDENT) / MANIFEST, "teacher is not a string")
+    return teacher
 
 
 def _init_student_manifest(run: Run, needed: list[str]) -> dict:

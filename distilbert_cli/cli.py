@@ -6,8 +6,9 @@
 
 A command composes `conf/<config>.yaml` with the overrides, validates it once and calls its stage's
 `run(cfg, overrides)` with the typed config (distilbert_cli.schema).
-User mistakes, unreadable files, a stage in use by another process and a full disk print one line to stderr and
-exit 2.
+User mistakes, unreadable files, a stage in use by another process, a full disk and a run directory that cannot be
+written print one line to stderr and exit 2; SIGINT (Ctrl-C) or SIGTERM marks the open stage failed, prints one
+line and exits 130 (distilbert_cli.processes).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from typing import Any
 import typer
 from omegaconf.errors import MissingMandatoryValue
 
+from distilbert_cli import processes
 from distilbert_cli.config import compose_config, one_line, renamed_overrides, to_yaml
-from distilbert_cli.errors import UsageError, first_line, is_disk_full
+from distilbert_cli.errors import Interrupted, UsageError, filesystem_problem, first_line, is_disk_full
 
 USAGE_EXIT_CODE = 2
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
 StageRun = Callable[[Any, Sequence[str]], object]  # run(the command's typed config, its overrides)
 
 
@@ -147,9 +150,10 @@ def expand_run_dir(overrides: list[str]) -> list[str]:
     return overrides
 
 
-def fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(USAGE_EXIT_CODE)
+def fail(message: str, code: int = USAGE_EXIT_CODE) -> typer.Exit:
+    """One `error:` line, whatever the message quotes (a file name or a field with a line break in it)."""
+    typer.echo("error: " + message.replace("\r", "\\r").replace("\n", "\\n"), err=True)
+    return typer.Exit(code)
 
 
 def _make_command(spec: StageCommand):
@@ -157,23 +161,32 @@ def _make_command(spec: StageCommand):
         overrides, notes = renamed_overrides(expand_run_dir(list(overrides or [])))
         for note in notes:
             typer.echo(f"note: {note}", err=True)
-        try:
-            cfg = compose_config(spec.config, overrides)
-            if show_cfg:
-                typer.echo(to_yaml(cfg), nl=False)
-                return
-            from distilbert_cli.logs import setup_console_logging
+        with processes.interrupts_as_errors():
+            try:
+                cfg = compose_config(spec.config, overrides)
+                if show_cfg:
+                    typer.echo(to_yaml(cfg), nl=False)
+                    return
+                from distilbert_cli.logs import setup_console_logging
 
-            setup_console_logging()
-            spec.stage()(cfg, overrides)
-        except UsageError as exc:
-            raise fail(str(exc)) from None
-        except MissingMandatoryValue as exc:
-            raise fail(f"missing required config value: {one_line(exc)}") from None
-        except Exception as exc:  # a full disk outside a stage's folder (open_stage reports those itself)
-            if is_disk_full(exc):
-                raise fail(f"distil {spec.name} ran out of disk space ({first_line(exc)})") from None
-            raise
+                setup_console_logging()
+                spec.stage()(cfg, overrides)
+            except Interrupted as exc:  # open_stage marked its stage failed and says which
+                raise fail(exc.message(), INTERRUPTED_EXIT_CODE) from None
+            except KeyboardInterrupt:
+                raise fail(Interrupted("SIGINT").message(), INTERRUPTED_EXIT_CODE) from None
+            except UsageError as exc:
+                raise fail(str(exc)) from None
+            except MissingMandatoryValue as exc:
+                raise fail(f"missing required config value: {one_line(exc)}") from None
+            except Exception as exc:  # outside a stage's folder (open_stage reports what happens inside it)
+                if (signal_name := processes.received()) is not None:  # a library turned the interrupt into its own
+                    raise fail(Interrupted(signal_name).message(), INTERRUPTED_EXIT_CODE) from None
+                if is_disk_full(exc):
+                    raise fail(f"distil {spec.name} ran out of disk space ({first_line(exc)})") from None
+                if (problem := filesystem_problem(exc)) is not None:
+                    raise fail(f"distil {spec.name} cannot go on: {problem}") from None
+                raise
 
     command.__doc__ = f"{spec.summary}\n\n{spec.io}. Primary config: conf/{spec.config}.yaml."
     return command

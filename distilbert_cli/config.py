@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from distilbert_cli.errors import UsageError
+from distilbert_cli.errors import UsageError, first_line
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -80,6 +80,9 @@ def compose_unvalidated(command_config: str, overrides: Sequence[str] = ()) -> D
                 with open_dict(cfg):
                     for key in [key for key in cfg if key not in own]:
                         del cfg[key]
+    except OverrideParseException as exc:  # the override grammar's message alone does not say which override
+        raise UsageError(f"cannot parse the override {exc.override!r}: {first_line(exc)} (quote a value with "
+                         "characters such as [ ] { } , = : in single quotes)") from exc
     except (HydraException, OmegaConfBaseException) as exc:
         raise UsageError(one_line(exc)) from exc
     return cfg
@@ -92,11 +95,12 @@ def compose_config(command_config: str, overrides: Sequence[str] = ()) -> BaseMo
     from distilbert_cli.schema import validated  # imports torch (the loss registries): not for --help
 
     cfg = compose_unvalidated(command_config, overrides)
-    require_complete_config(cfg)
     try:
+        require_complete_config(cfg)
         container = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as exc:
-        raise UsageError(one_line(exc)) from exc
+    except OmegaConfBaseException as exc:  # an interpolation that does not resolve, e.g. key=${missing}
+        key = getattr(exc, "full_key", None)
+        raise UsageError(f"{key}: {one_line(exc)}" if key else one_line(exc)) from exc
     return validated(command_config, container)
 
 
@@ -114,7 +118,7 @@ def missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
         name = f"{prefix}{key}"
         if OmegaConf.is_missing(cfg, key):
             found.append(name)
-        elif isinstance(cfg[key], DictConfig):
+        elif not OmegaConf.is_interpolation(cfg, key) and isinstance(cfg[key], DictConfig):
             found.extend(missing_keys(cfg[key], f"{name}."))
     return found
 

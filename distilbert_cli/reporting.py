@@ -18,7 +18,7 @@ from distilbert_cli import artifacts  # noqa: E402
 from distilbert_cli.artifacts import read_json, read_jsonl  # noqa: E402
 from distilbert_cli.errors import UsageError  # noqa: E402
 from distilbert_cli.models.run_models import run_student  # noqa: E402
-from distilbert_cli.rundir import Run  # noqa: E402
+from distilbert_cli.rundir import MANIFEST, Run  # noqa: E402
 from distilbert_cli.tasks import get_tasks  # noqa: E402
 from distilbert_cli.tasks.results import finetuned_runs, paired_bootstrap, runs_score  # noqa: E402
 from distilbert_cli.training.losses import LOSS_TERMS  # noqa: E402
@@ -31,6 +31,19 @@ LOSS_COMPONENTS = {"distill": ("loss", *(f"loss_{name}" for name in LOSS_TERMS))
 PUBLISHED_ABLATIONS = {"no_ce": -2.96, "no_cos": -1.46, "no_mlm": -0.31, "random_init": -3.69}
 # The latency the accuracy chart plots: eager PyTorch fp32 (the paper's Table 3 setting) at the smallest batch.
 CHART_BACKEND = "eager"
+
+
+# What the report reads of each complete stage of a run (its own and each baseline's), as the glob of the files it
+# verifies: each such stage is held read-locked and verified while the report is written. Timings and logs
+# (metrics.jsonl, finetune's metrics.json) are read too but are no stage's fingerprinted output.
+STAGE_READS = {
+    artifacts.INIT_STUDENT: MANIFEST,  # its manifest's facts only
+    artifacts.DISTILL: artifacts.DistillOutputs(Path()).validation.name,
+    artifacts.FINETUNE: artifacts.FINETUNE_PREDICTIONS,
+    artifacts.TASK_DISTILL: f"{artifacts.TASK_DISTILLED_MODEL}/*/{artifacts.PREDICTIONS_JSONL}",
+    artifacts.EVALUATE: "*",
+    artifacts.BENCH_CPU: "*",
+}
 
 
 def run_summary(run_dir: Run) -> dict:

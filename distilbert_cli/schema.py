@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from distilbert_cli.errors import UsageError
+from distilbert_cli.models.run_models import entry_name_problem
 from distilbert_cli.training.losses import LOSS_TERMS
 from distilbert_cli.training.task_losses import TASK_LOSS_TERMS
 
@@ -23,6 +24,7 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]  # a probability or a share, 0..1
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # what every generator takes (NumPy's legacy seeding: 32 bits)
 Precision = Literal["no", "bf16", "fp16"]
 
 
@@ -38,12 +40,21 @@ def _distinct(values: list) -> list:
     return values
 
 
+def _folder_names(entries: list[str] | str) -> list[str] | str:
+    """Model entries whose names become folders (`name:path`, or a path's last component) are single safe path
+    components: a name such as `..` would write outside the stage folder."""
+    for entry in [entries] if isinstance(entries, str) else entries:
+        if (problem := entry_name_problem(entry)) is not None:
+            raise ValueError(problem)
+    return entries
+
+
 # ---- groups shared by several commands ------------------------------------------------------------------
 
 class Common(Group):
     run_dir: str
     overwrite: bool
-    seed: NonNegativeInt
+    seed: Seed
     trust_remote_code: bool
 
 
@@ -280,7 +291,7 @@ class TrainSettings(Group):
 class Validation(Group):
     max_sequences: PositiveInt
     batch_size: PositiveInt
-    seed: NonNegativeInt
+    seed: Seed
     smoothing_exponent: NonNegativeFloat
 
 
@@ -307,7 +318,7 @@ class SoftTargets(Group):
 class TaskTraining(Group):
     """What finetune and task-distill train a task model with (downstream/task_training.py, through the engine)."""
 
-    seeds: Annotated[list[NonNegativeInt], Field(min_length=1)]
+    seeds: Annotated[list[Seed], Field(min_length=1)]
     batch_size: PositiveInt  # global
     micro_batch_size: PositiveInt | None  # per process and forward pass; null: batch_size / processes
     learning_rate: PositiveFloat
@@ -342,6 +353,8 @@ class FinetuneSettings(TaskTraining):
     long_task_epochs: PositiveInt
     save_models: bool
     soft_targets: SoftTargets
+
+    _model_names = field_validator("models")(_folder_names)
 
     @model_validator(mode="after")
     def _teacher_listed(self):
@@ -400,6 +413,8 @@ class TaskDistillSettings(TaskTraining):
     loss: TaskLoss
     intermediate: IntermediateLayers
 
+    _student_name = field_validator("student")(_folder_names)
+
     @model_validator(mode="after")
     def _one_budget(self):
         if (self.epochs is None) == (self.max_steps is None):
@@ -450,6 +465,7 @@ class BenchSettings(Group):
     compile_backend: str
 
     _distinct_entries = field_validator("backends", "batch_sizes")(_distinct)
+    _model_names = field_validator("models")(_folder_names)
 
 
 class BenchCpu(Common):

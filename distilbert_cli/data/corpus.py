@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from distilbert_cli.errors import UsageError
+from distilbert_cli.errors import UsageError, first_line
 from distilbert_cli.logs import is_main_process
 
 if TYPE_CHECKING:
@@ -69,9 +69,9 @@ def check_corpus_file(path: Path, text_field: str) -> None:
         try:
             schema = pq.read_schema(path)
         except (OSError, pa.ArrowException) as exc:
-            raise UsageError(f"{path} is not a readable Parquet file: {str(exc).splitlines()[0]}") from exc
+            raise UsageError(f"{path} is not a readable Parquet file: {first_line(exc)}") from exc
         if text_field not in schema.names:
-            raise UsageError(f"{path} has no column {text_field!r} (columns: {', '.join(schema.names)}; "
+            raise UsageError(f"{path} has no column {text_field!r} (columns: {', '.join(map(repr, schema.names))}; "
                              f"set data.text_field)")
         column_type = schema.field(text_field).type
         if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
@@ -85,11 +85,11 @@ def check_corpus_file(path: Path, text_field: str) -> None:
         for raw in head.splitlines():
             try:
                 record = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue  # an unreadable line is the bad-lines policy's business
             if isinstance(record, dict) and text_field not in record:
-                raise UsageError(f"{path}: records have no field {text_field!r} (fields: {', '.join(record)}; "
-                                 f"set data.text_field)")
+                raise UsageError(f"{path}: records have no field {text_field!r} (fields: "
+                                 f"{', '.join(map(repr, record))}; set data.text_field)")
             return
 
 
@@ -148,7 +148,7 @@ def _jsonl_documents(path: Path, text_field: str, bad: BadLines, progress: tqdm)
             continue
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             bad.handle(f"{path}:{number}", "not valid JSON")
             continue
         text = record.get(text_field) if isinstance(record, dict) else None
@@ -161,17 +161,20 @@ def _jsonl_documents(path: Path, text_field: str, bad: BadLines, progress: tqdm)
 def _parquet_documents(path: Path, text_field: str, bad: BadLines, progress: tqdm) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
-    bytes_per_row = path.stat().st_size / max(parquet.metadata.num_rows, 1)
     row = 0
-    for batch in parquet.iter_batches(columns=[text_field]):
-        for offset, text in enumerate(batch.column(0).to_pylist()):
-            if text is None:
-                bad.handle(f"{path} row {row + offset + 1}", f"no {text_field!r} value")
-            else:
-                yield text
-        row += batch.num_rows
-        progress.update(round(bytes_per_row * batch.num_rows))
+    try:
+        parquet = pq.ParquetFile(path)
+        bytes_per_row = path.stat().st_size / max(parquet.metadata.num_rows, 1)
+        for batch in parquet.iter_batches(columns=[text_field]):
+            for offset, text in enumerate(batch.column(0).to_pylist()):
+                if text is None:
+                    bad.handle(f"{path} row {row + offset + 1}", f"no {text_field!r} value")
+                else:
+                    yield text
+            row += batch.num_rows
+            progress.update(round(bytes_per_row * batch.num_rows))
+    except (OSError, pa.ArrowException) as exc:  # a damaged page past the schema check_corpus_file read
+        raise UsageError(f"{path} is not a readable Parquet file (after row {row}): {first_line(exc)}") from exc
 
 
 def _local_documents(files: list[Path], data: LocalData, bad: BadLines) -> Iterator[str]:
@@ -216,8 +219,7 @@ def _hub_corpus(data: HubData, work_dir: Path, bad: BadLines, batch_size: int):
             part = load_dataset(source.name, source.config, split=source.split, revision=source.revision,
                                 streaming=data.streaming)
         except Exception as exc:  # offline, unknown name or config, legacy script...: this source cannot be read
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"cannot load dataset {label}: {first_line}") from exc
+            raise UsageError(f"cannot load dataset {label}: {first_line(exc)}") from exc
         if part.column_names is not None and source.text_field not in part.column_names:
             raise UsageError(f"dataset {label} has no column {source.text_field!r} "
                              f"(columns: {', '.join(part.column_names)})")

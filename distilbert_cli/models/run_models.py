@@ -11,8 +11,7 @@ from pathlib import Path
 
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
-from distilbert_cli.models.loading import check_name_or_path
-from distilbert_cli.rundir import Run
+from distilbert_cli.rundir import Run, folder_name_problem
 
 # The run's own models.
 RUN_MODELS = ("student", "teacher")
@@ -47,9 +46,30 @@ def run_student(run: Run) -> ModelChoice:
     return ModelChoice("student", str(final), "student", artifacts.DISTILL)
 
 
+def split_entry(entry: str) -> tuple[str, str]:
+    """(name, source) of a model list entry other than `student` and `teacher`: `name:path`, or a path or hub name
+    named by its last component (an existing path with a colon is a path)."""
+    named = NAMED_ENTRY.fullmatch(entry) if not Path(entry).exists() else None
+    return (named["name"], named["source"]) if named else (Path(entry).name, entry)
+
+
+def entry_name_problem(entry: str) -> str | None:
+    """Why an entry's name cannot be the folder its runs are stored in (finetune/<name>/...), or None: the schema
+    refuses such entries before any work."""
+    if entry in RUN_MODELS:
+        return None
+    name, source = split_entry(entry)
+    if (problem := folder_name_problem(name)) is None:
+        return None
+    return (f"entry {entry!r} is stored by the name {name!r}, which cannot be a folder ({problem}): name it, as in "
+            f"my-model:{source}")
+
+
 def resolve_models(run: Run, entries: Sequence[str], setting: str) -> list[ModelChoice]:
     """Model list entries: `student` = the run's student (see run_student), `teacher` = the run's teacher, or any
     path/hub name, as `name:path` to choose the name it is shown and stored by."""
+    from distilbert_cli.models.loading import check_name_or_path  # transformers: not for the schema's name checks
+
     choices = []
     for entry in map(str, entries):
         if entry == "student":
@@ -57,8 +77,9 @@ def resolve_models(run: Run, entries: Sequence[str], setting: str) -> list[Model
         elif entry == "teacher":
             choices.append(ModelChoice(entry, artifacts.recorded_teacher(run), entry, artifacts.INIT_STUDENT))
         else:
-            named = NAMED_ENTRY.fullmatch(entry) if not Path(entry).exists() else None
-            name, source = (named["name"], named["source"]) if named else (Path(entry).name, entry)
+            if (problem := entry_name_problem(entry)) is not None:
+                raise UsageError(f"{setting}: {problem}")
+            name, source = split_entry(entry)
             check_name_or_path(source, "model")
             # Folders named "student" or "teacher" elsewhere must not pass for this run's models.
             choices.append(ModelChoice(f"model-{name}" if name in RUN_MODELS else name, source, "other"))

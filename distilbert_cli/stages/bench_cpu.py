@@ -20,6 +20,7 @@ measurement repeated with the models in alternating order, passes pooled). Write
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,7 +46,7 @@ from distilbert_cli.models.families import max_sequence_length
 from distilbert_cli.models.loading import load_config, load_tokenizer
 from distilbert_cli.models.run_models import ModelChoice
 from distilbert_cli.models.run_models import resolve_models as resolve_run_models
-from distilbert_cli.rundir import Run, write_json_atomic
+from distilbert_cli.rundir import Run, Stage, write_json_atomic
 from distilbert_cli.schema import BenchCpu
 from distilbert_cli.tasks import get_task
 from distilbert_cli.tasks.base import SequenceClassificationTask
@@ -64,6 +65,21 @@ def resolve_models(cfg: BenchCpu, run_dir: Run, task: SequenceClassificationTask
     return choices
 
 
+def check_measured(stage: Stage, choices: list[ModelChoice], rows: list[dict]) -> None:
+    """Every model has at least one measurement, each a finite latency: a bench whose backends were all skipped or
+    failed is failed, not complete with an empty table."""
+    for choice in choices:
+        own = [row for row in rows if row["model"] == choice.name]
+        if not any(row["status"] == "ok" for row in own):
+            notes = sorted({f"{row['backend']} {row['note']}" for row in own})
+            raise stage.no_work(f"model {choice.name} has no measurement: {'; '.join(notes) or 'no backend ran'}")
+    for row in rows:
+        if row["status"] == "ok" and not (math.isfinite(row["latency_ms"]["median"]) and row["latency_ms"]["median"]
+                                          > 0):
+            raise stage.no_work(f"model {row['model']} {row['backend']} batch {row['batch_size']} measured a "
+                                f"latency of {row['latency_ms']['median']} ms")
+
+
 def run(cfg: BenchCpu, overrides: Sequence[str] = ()) -> dict:
     """Time every model under every backend and batch size; write results.{json,md} and latency.png."""
     task = get_task(cfg.task.names[0])
@@ -77,6 +93,7 @@ def run(cfg: BenchCpu, overrides: Sequence[str] = ()) -> dict:
                   for choice in choices]
 
     with run_dir.open_stage(artifacts.BENCH_CPU, cfg, overrides) as stage:
+        stage.expect(artifacts.RESULTS_JSON, artifacts.RESULTS_MD, "latency.png")
         for choice in choices:
             if choice.stage is not None:
                 stage.use_stage(choice.stage)
@@ -117,6 +134,7 @@ def run(cfg: BenchCpu, overrides: Sequence[str] = ()) -> dict:
             torch.set_num_threads(default_threads)
         models = [models[number] for number in sorted(models)]
         rows = pool_rounds(rows_by_round)
+        check_measured(stage, choices, rows)
 
         sampled = len(indices) < len(workload)
         results = {

@@ -18,14 +18,15 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import BaseModel, ValidationError
+
 from distilbert_cli import artifacts
 from distilbert_cli.downstream.prediction import encode_splits, evaluate, first_rows
 from distilbert_cli.downstream.task_models import check_length, forward_inputs, load_finetuned
-from distilbert_cli.errors import UsageError
+from distilbert_cli.errors import UsageError, invalid_entry, unreadable
 from distilbert_cli.models.loading import load_config, load_tokenizer
-from distilbert_cli.rundir import Run, write_json_atomic
-from distilbert_cli.schema import Evaluate
-from distilbert_cli.schema import Task as TaskSettings
+from distilbert_cli.rundir import MANIFEST, Run, write_json_atomic
+from distilbert_cli.schema import Evaluate, Finetune
 from distilbert_cli.tasks import get_task, get_tasks
 from distilbert_cli.tasks.base import Task
 from distilbert_cli.tasks.results import by_table, collect_finetuned, render_markdown, retention, summarize
@@ -100,20 +101,31 @@ def evaluate_model_dirs(cfg: Evaluate, model_dirs: list, out_dir: Path) -> tuple
     return records, problems
 
 
-def finetune_notes(manifest: dict, tasks: Sequence[Task]) -> tuple[str, list[str], bool]:
+class _FinetuneManifest(BaseModel):
+    """What the evaluation reads of the finetune stage's manifest."""
+
+    config: Finetune
+    data_problems: dict[str, dict[str, dict[str, int]]] = {}  # {task: {split: {what: count}}}
+
+
+def finetune_notes(manifest: dict, manifest_path: Path, tasks: Sequence[Task]) -> tuple[str, list[str], bool]:
     """The data source, the settings and any shortcut (capped rows, skipped rows) of the finetune stage (its
-    manifest), for an honest table, and whether its models learned from soft targets ("(D)")."""
-    config = manifest["config"]
-    settings = TaskSettings.model_validate(config["task"])
-    notes = [f"finetune.{key}={config['finetune'][key]} (not the full split)"
-             for key in ("max_train_samples", "max_eval_samples") if config["finetune"][key] is not None]
-    notes += problem_notes(manifest["data_problems"]) + settings_notes(tasks, settings)
-    soft = config["finetune"]["soft_targets"]
-    if soft["teacher"] is not None:
+    manifest, read as the finetune config it records), for an honest table, and whether its models learned from soft
+    targets ("(D)")."""
+    try:
+        read = _FinetuneManifest.model_validate(manifest)
+    except ValidationError as exc:
+        raise unreadable(manifest_path, f"not a finetune manifest: {invalid_entry(exc)}") from None
+    config, problems = read.config, read.data_problems
+    notes = [f"finetune.{key}={getattr(config.finetune, key)} (not the full split)"
+             for key in ("max_train_samples", "max_eval_samples") if getattr(config.finetune, key) is not None]
+    notes += problem_notes(problems) + settings_notes(tasks, config.task)
+    soft = config.finetune.soft_targets
+    if soft.teacher is not None:
         notes.append(f"(D): every model but the teacher learned from the soft targets of the fine-tuned "
-                     f"{soft['teacher']!r} (alpha_ce {soft['alpha_ce']}, alpha_task {soft['alpha_task']}, "
-                     f"temperature {soft['temperature']})")
-    return describe_data(tasks, settings), notes, soft["teacher"] is not None
+                     f"{soft.teacher!r} (alpha_ce {soft.alpha_ce}, alpha_task {soft.alpha_task}, "
+                     f"temperature {soft.temperature})")
+    return describe_data(tasks, config.task), notes, soft.teacher is not None
 
 
 def run(cfg: Evaluate, overrides: Sequence[str] = ()) -> dict:
@@ -127,6 +139,7 @@ def run(cfg: Evaluate, overrides: Sequence[str] = ()) -> dict:
         run_dir.require(artifacts.FINETUNE)
 
     with run_dir.open_stage(artifacts.EVALUATE, cfg, overrides) as stage:
+        stage.expect(artifacts.RESULTS_JSON, artifacts.RESULTS_MD)
         if model_dirs:
             for entry, _, _ in model_dirs:
                 stage.use_model(entry, "fine-tuned model")
@@ -139,9 +152,12 @@ def run(cfg: Evaluate, overrides: Sequence[str] = ()) -> dict:
             finetune_dir = stage.use_stage(artifacts.FINETUNE, reads=artifacts.FINETUNE_PREDICTIONS)
             records = collect_finetuned(finetune_dir, tasks)
             columns = evaluated_tasks(tasks, records)
-            data, notes, soft_targets = finetune_notes(run_dir.manifest(artifacts.FINETUNE), columns)
+            data, notes, soft_targets = finetune_notes(run_dir.manifest(artifacts.FINETUNE),
+                                                       finetune_dir / MANIFEST, columns)
         if cfg.eval.note is not None:
             notes.append(str(cfg.eval.note))
+        if not records:
+            raise stage.no_work(f"no fine-tuned model of {', '.join(task.name for task in tasks)} to score")
         summary = summarize(records)
         tables = by_table(columns)
         kept = {title: found for title, table in tables.items()

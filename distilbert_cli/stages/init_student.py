@@ -75,11 +75,15 @@ def run(cfg: InitStudent, overrides: Sequence[str] = ()) -> Path:
         raise UsageError(f"student.arch={arch} has no layer the teacher's weights fit: use init.strategy=random "
                          "(e.g. +experiment=mobilebert)")
     teacher_widths = widths(teacher_config, family)
-    narrower = [f"student.{key}={getattr(cfg.student, key)}" for key in WIDTH_KEYS
-                if getattr(cfg.student, key) is not None and getattr(cfg.student, key) != teacher_widths[key]]
-    if copies_teacher and narrower:
-        raise UsageError(f"{' '.join(narrower)}: a student narrower than the teacher can only be built with "
-                         f"init.strategy=random (the teacher's weights do not fit it)")
+    resized = {key: getattr(cfg.student, key) for key in WIDTH_KEYS
+               if getattr(cfg.student, key) is not None and getattr(cfg.student, key) != teacher_widths[key]}
+    if copies_teacher and resized:
+        wider = [value > teacher_widths[key] for key, value in resized.items()]
+        shape = "wider than" if all(wider) else "narrower than" if not any(wider) else "of other widths than"
+        raise UsageError(", ".join(f"student.{key}={value} (the teacher's {teacher_widths[key]})"
+                                   for key, value in resized.items())
+                         + f": a student {shape} the teacher can only be built with init.strategy=random (the "
+                           "teacher's weights do not fit it)")
     tokenizer = load_tokenizer(teacher_name, trust, role="teacher tokenizer")
 
     with Run.of(cfg).open_stage(artifacts.INIT_STUDENT, cfg, overrides) as stage:
@@ -104,6 +108,7 @@ def run(cfg: InitStudent, overrides: Sequence[str] = ()) -> Path:
                  param_counts["student"] / 1e6, param_counts["teacher"] / 1e6)
 
         model_dir = artifacts.InitStudentOutputs(stage.path).model
+        stage.expect(*artifacts.InitStudentOutputs(stage.path).files)
         student.save_pretrained(model_dir)
         if (names := input_names(arch)) is not None:
             # save_pretrained writes the tokenizer's init kwargs, so the input names are recorded there too.
@@ -147,6 +152,7 @@ def bilstm_student(cfg: InitStudent, overrides: Sequence[str]) -> Path:
                  "teacher", cfg.student.embedding_size, ", the teacher's projected by PCA" if copies_teacher else
                  ", random", cfg.student.hidden_size, param_counts["student"] / 1e6, param_counts["teacher"] / 1e6)
         model_dir = artifacts.InitStudentOutputs(stage.path).model
+        stage.expect(*artifacts.InitStudentOutputs(stage.path).files)
         student.save_pretrained(model_dir)
         tokenizer.model_input_names = ["input_ids", "attention_mask"]  # no token types: see models/bilstm.py
         tokenizer.init_kwargs["model_input_names"] = list(tokenizer.model_input_names)

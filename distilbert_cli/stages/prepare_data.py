@@ -31,7 +31,8 @@ from distilbert_cli import artifacts
 from distilbert_cli.data.corpus import check_corpus_file, corpus_paths, resolve_corpus_files
 from distilbert_cli.data.prepared import build_prepared
 from distilbert_cli.errors import UsageError
-from distilbert_cli.models.loading import load_tokenizer
+from distilbert_cli.models.families import max_sequence_length
+from distilbert_cli.models.loading import load_config, load_tokenizer
 from distilbert_cli.rundir import Run, temporary_path, write_json_atomic
 from distilbert_cli.schema import HubData, LocalData, PrepareData
 
@@ -39,12 +40,20 @@ log = logging.getLogger(__name__)
 
 
 def _check_tokenizer(tokenizer, cfg: PrepareData) -> None:
+    """The tokenizer frames sequences, and every sequence fits the model: the tokenizer's model_max_length, and the
+    teacher's position table (a tokenizer may record no maximum; the positions always bound the length)."""
     name = cfg.teacher.name_or_path
     if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
         raise UsageError(f"tokenizer {name!r} has no [CLS]/[SEP] (cls_token/sep_token) tokens to frame sequences")
     if cfg.prepare.max_seq_length > tokenizer.model_max_length:
         raise UsageError(f"prepare.max_seq_length={cfg.prepare.max_seq_length} exceeds the model_max_length "
                          f"{tokenizer.model_max_length} of tokenizer {name!r}")
+    if Path(name).expanduser().is_dir() and not (Path(name).expanduser() / "config.json").is_file():
+        return  # a tokenizer folder without its model: no position table to check against
+    longest = max_sequence_length(load_config(name, cfg.trust_remote_code, role="teacher"))
+    if longest is not None and cfg.prepare.max_seq_length > longest:
+        raise UsageError(f"prepare.max_seq_length={cfg.prepare.max_seq_length} exceeds the {longest} tokens the "
+                         f"teacher {name!r} has positions for")
 
 
 
@@ -79,6 +88,7 @@ def run(cfg: PrepareData, overrides: Sequence[str] = ()) -> Path:
         stage.update(tokenizer=cfg.teacher.name_or_path, vocab_size=len(tokenizer),
                      max_seq_length=cfg.prepare.max_seq_length)
         out = artifacts.PreparedData(stage.path)
+        stage.expect(*out.files)
         work_dir = temporary_path(stage.path / "work")
         work_dir.mkdir()
         stats = build_prepared(cfg.data, cfg.prepare, cfg.seed, tokenizer, files, out, work_dir,

@@ -13,12 +13,14 @@ fine-tuned on labels alone, is judged with a paired bootstrap over the dev examp
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
 from distilbert_cli.reporting import (
+    STAGE_READS,
     accuracy_latency,
     accuracy_latency_lines,
     downstream_comparison,
@@ -30,10 +32,19 @@ from distilbert_cli.reporting import (
     task_distillation_lines,
     verdict,
 )
-from distilbert_cli.rundir import Run
+from distilbert_cli.rundir import Run, Stage
 from distilbert_cli.schema import Report
 
 log = logging.getLogger(__name__)
+
+
+def check_sections(stage: Stage, main: dict, text: str) -> None:
+    """The report shows the run's own distillation figures, and every chart it links was drawn."""
+    if main.get("validation", {}).get("student", {}).get("mlm_loss") is None:
+        raise stage.no_work(f"the distillation section has no validation figures for {main['path']}")
+    for chart in re.findall(r"\]\(([^)\s]+\.png)\)", text):
+        if not (stage.path / chart).is_file():
+            raise stage.no_work(f"report.md shows the chart {chart}, which was not drawn")
 
 
 def run(cfg: Report, overrides: Sequence[str] = ()) -> Path:
@@ -45,6 +56,11 @@ def run(cfg: Report, overrides: Sequence[str] = ()) -> Path:
     if run_dir.complete(artifacts.DISTILL) is None:
         raise UsageError(f"nothing to report: {run_dir.stage_dir(artifacts.DISTILL)} is not a complete distill stage")
     with run_dir.open_stage(artifacts.REPORT, cfg, overrides) as stage:
+        stage.expect("report.md")
+        for each in [run_dir, *baseline_dirs]:  # read-locked and verified while the report is written
+            for name, reads in STAGE_READS.items():
+                if each.complete(name) is not None:
+                    stage.use_stage(name, reads, run=each)
         main = run_summary(run_dir)
         baselines = [run_summary(each) for each in baseline_dirs]
         has_curves = plot_losses([main, *baselines], stage.path / "loss_curves.png")
@@ -57,8 +73,10 @@ def run(cfg: Report, overrides: Sequence[str] = ()) -> Path:
         if points:
             plot_accuracy_latency(points, stage.path / "accuracy_latency.png")
         report = stage.path / "report.md"
-        report.write_text(render(main, baselines, verdict_lines, run_dir, stage.path, cfg.report.teacher_note,
-                                 has_curves, task_distillation_lines(task_distilled), accuracy_latency_lines(points)))
+        text = render(main, baselines, verdict_lines, run_dir, stage.path, cfg.report.teacher_note, has_curves,
+                      task_distillation_lines(task_distilled), accuracy_latency_lines(points))
+        check_sections(stage, main, text)
+        report.write_text(text)
         stage.update(baselines=[str(each.path) for each in baseline_dirs], verdict=verdict_lines,
                      downstream_comparisons=comparisons, accuracy_latency=points,
                      task_distillation=[{"run": entry["run"]["name"], "labels": entry["labels"],

@@ -157,6 +157,14 @@ def _is_utf8(row: list[str]) -> bool:
     return True
 
 
+def _rows(reader, path: Path):
+    """The rows of a csv reader; what the csv module cannot split (a field over its size limit) is one line."""
+    try:
+        yield from reader
+    except csv.Error as exc:
+        raise UsageError(f"{path}:{reader.line_num}: not a GLUE TSV row ({exc})") from exc
+
+
 def read_tsv(task: GlueTask, path: Path) -> tuple[dict[str, list], list[int]]:
     """The normalised columns of a GLUE TSV file and the line numbers of the malformed rows it skipped.
 
@@ -169,7 +177,7 @@ def read_tsv(task: GlueTask, path: Path) -> tuple[dict[str, list], list[int]]:
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         if task.tsv_columns is None:
-            header = next(rows, None)
+            header = next(_rows(rows, path), None)
             if header is None:
                 raise UsageError(f"GLUE {task.title} file is empty: {path}")
             wanted = [*task.tsv_text_columns, task.tsv_label_column]
@@ -182,7 +190,7 @@ def read_tsv(task: GlueTask, path: Path) -> tuple[dict[str, list], list[int]]:
         names = ["sentence1", "sentence2"][:len(task.tsv_text_columns)]
         columns: dict[str, list] = {name: [] for name in [*names, "label"]}
         malformed = []
-        for line_number, row in enumerate(rows, start=first_line):
+        for line_number, row in enumerate(_rows(rows, path), start=first_line):
             if not row:
                 continue  # a blank line (e.g. at the end of the file) is not a row
             texts = [row[position] for position in positions[:-1]] if len(row) == width else []

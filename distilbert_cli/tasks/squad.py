@@ -23,8 +23,9 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from distilbert_cli.errors import UsageError
+from distilbert_cli.errors import UsageError, first_line, invalid_entry
 from distilbert_cli.tasks.base import QUESTION_ANSWERING, TABLE2, Published, Task, TaskData
 from distilbert_cli.training.losses import soft_target_loss
 
@@ -176,30 +177,64 @@ TASKS: dict[str, SquadTask] = {task.name: task for task in (
 
 # ---- data ----------------------------------------------------------------------------------------------------
 
+class _Answer(BaseModel):
+    model_config = ConfigDict(strict=True)
+    text: str
+    answer_start: int
+
+
+class _Question(BaseModel):
+    model_config = ConfigDict(strict=True)
+    id: str
+    question: str
+    answers: list[_Answer] | None = None  # v2: none (or an empty list) for a question without an answer
+    is_impossible: bool = False
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _number_as_text(cls, value):  # some files number their questions
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _answered(self):
+        if self.answers is None and not self.is_impossible:
+            raise ValueError("a question that is not is_impossible needs its 'answers'")
+        return self
+
+
+class _Paragraph(BaseModel):
+    model_config = ConfigDict(strict=True)
+    context: str
+    qas: list[_Question]
+
+
+class _Article(BaseModel):
+    model_config = ConfigDict(strict=True)
+    paragraphs: list[_Paragraph]
+
+
+class _SquadFile(BaseModel):
+    """The official SQuAD layout (other keys, such as titles and v2's plausible answers, are ignored)."""
+
+    model_config = ConfigDict(strict=True)
+    data: list[_Article]
+
+
 def read_squad_json(path: Path) -> list[dict]:
-    """The questions of an official SQuAD JSON file, one row each; a file not in that layout is a UsageError."""
+    """The questions of an official SQuAD JSON file, one row each; a file not in that layout is a UsageError naming
+    the first entry that is not."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read {path} as JSON: {exc}") from exc
-    rows = []
-    where = "the top level"
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UsageError(f"cannot read {path} as JSON: {first_line(exc)}") from exc
     try:
-        for a, article in enumerate(data["data"]):
-            where = f"data[{a}]"
-            for p, paragraph in enumerate(article["paragraphs"]):
-                where = f"data[{a}].paragraphs[{p}]"
-                context = paragraph["context"]
-                for q, qa in enumerate(paragraph["qas"]):
-                    where = f"data[{a}].paragraphs[{p}].qas[{q}]"
-                    answers = [] if qa.get("is_impossible") else qa["answers"]
-                    rows.append({"id": str(qa["id"]), "context": context, "question": qa["question"],
-                                 "answers": [answer["text"] for answer in answers],
-                                 "answer_starts": [int(answer["answer_start"]) for answer in answers]})
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"{path} is not in the SQuAD JSON layout: {where} has no valid "
-                         f"{repr(exc.args[0]) if isinstance(exc, KeyError) else 'entry'}") from exc
-    return rows
+        squad = _SquadFile.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError(f"{path} is not in the SQuAD JSON layout: {invalid_entry(exc)}") from None
+    return [{"id": qa.id, "context": paragraph.context, "question": qa.question,
+             "answers": [answer.text for answer in qa.answers or ()] if not qa.is_impossible else [],
+             "answer_starts": [answer.answer_start for answer in qa.answers or ()] if not qa.is_impossible else []}
+            for article in squad.data for paragraph in article.paragraphs for qa in paragraph.qas]
 
 
 def check_answers(rows: list[dict], with_negative: bool) -> tuple[list[dict], dict[str, int]]:

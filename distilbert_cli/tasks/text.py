@@ -15,18 +15,20 @@ counted; a missing field, a label that is not a class, or an empty split is an e
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from distilbert_cli.errors import UsageError
+from distilbert_cli.errors import UsageError, first_line
 from distilbert_cli.tasks.base import TABLE2, Published, SequenceClassificationTask, TaskData
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 EMPTY_ROWS = "rows with an empty text or label"
+_MAX_CLASS_ID = 100_000  # integer labels above it are not class ids (a head that wide is a mistake)
 
 OWN_DATA = Published(
     "Your own data", "none (no paper reports your data)", {}, teacher=None, student=None,
@@ -173,7 +175,6 @@ def read_table(path: Path) -> dict[str, list]:
     """The columns of a local CSV, TSV (no quoting), JSON lines or parquet file."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
-    import pyarrow.json as pa_json
     import pyarrow.parquet as pa_parquet
 
     suffix = path.suffix.lower()
@@ -182,17 +183,37 @@ def read_table(path: Path) -> dict[str, list]:
     if not path.is_file():
         raise UsageError(f"data file not found: {path}")
     try:
+        if suffix in (".jsonl", ".json"):
+            return _json_lines(path)
         if suffix == ".parquet":
             table = pa_parquet.read_table(path)
-        elif suffix in (".jsonl", ".json"):
-            table = pa_json.read_json(path)
         else:
             parse = pa_csv.ParseOptions(delimiter="\t", quote_char=False) if suffix == ".tsv" else None
             table = pa_csv.read_csv(path, parse_options=parse)
-    except (pa.ArrowInvalid, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot read {path}: {first_line}") from exc
-    return table.to_pydict()
+        return table.to_pydict()
+    except UnicodeDecodeError as exc:  # text (a column name) that is not UTF-8
+        raise UsageError(f"cannot read {path}: it is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except (pa.ArrowException, OSError) as exc:
+        raise UsageError(f"cannot read {path}: {first_line(exc)}") from exc
+
+
+def _json_lines(path: Path) -> dict[str, list]:
+    """The columns of a JSON lines file, one object per line (pyarrow's JSON reader crashes the process on some
+    malformed files, e.g. a blank line then `null`: pyarrow 26, found by tests/fuzz)."""
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                raise UsageError(f"cannot read {path}: line {number} is not JSON ({first_line(exc)})") from exc
+            if not isinstance(row, dict):
+                raise UsageError(f"cannot read {path}: line {number} is not a JSON object")
+            rows.append(row)
+    names = dict.fromkeys(name for row in rows for name in row)
+    return {name: [row.get(name) for row in rows] for name in names}
 
 
 def _is_id(value) -> bool:
@@ -210,6 +231,9 @@ def classes_in(columns: dict[str, list], label_field: str, declared: tuple[str, 
         return declared
     labels = [value for value in columns.get(label_field, []) if not _missing(value)]
     if labels and all(_is_id(value) for value in labels):
+        if max(labels) >= _MAX_CLASS_ID:
+            raise UsageError(f"label id {max(labels)} is too large for a class id (integer labels are class ids "
+                             "0..n-1; name the classes with task.data.label_names)")
         return tuple(str(i) for i in range(max(labels) + 1))
     return tuple(sorted({str(value) for value in labels}))
 
@@ -222,8 +246,8 @@ def normalise(columns: dict[str, list], where: str, fields: Fields, label_names:
 
     wanted = [fields.text, *([fields.text_pair] if fields.text_pair else []), fields.label]
     if missing := [name for name in wanted if name not in columns]:
-        raise UsageError(f"{where} has no field {missing[0]!r} (its fields: {', '.join(columns) or 'none'}); "
-                         f"name the right one in task.data (text_field, text_pair_field, label_field)")
+        raise UsageError(f"{where} has no field {missing[0]!r} (its fields: {', '.join(map(repr, columns)) or 'none'});"
+                         f" name the right one in task.data (text_field, text_pair_field, label_field)")
     if declared and label_names and tuple(declared) != tuple(label_names):
         raise UsageError(f"{where} declares the classes {list(declared)}, not {list(label_names)}")
     names = ["sentence1", "sentence2"][:len(wanted) - 1]
@@ -233,6 +257,10 @@ def normalise(columns: dict[str, list], where: str, fields: Fields, label_names:
         if any(_missing(value) for value in values):
             empty += 1
             continue
+        for name, value in zip(wanted, values, strict=True):
+            if not isinstance(value, str | int | float):  # a list, an object, bytes: not a text or a label
+                raise UsageError(f"{where}: field {name!r} of row {row} holds {str(value)[:40]!r}, not a text or a "
+                                 "label")
         for name, text in zip(names, values, strict=False):
             out[name].append(str(text))
         out["label"].append(_label(values[-1], label_names, where, row))

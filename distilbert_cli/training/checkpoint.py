@@ -21,8 +21,12 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Annotated
 
-from distilbert_cli.errors import UsageError, unreadable
+from pydantic import BaseModel, Field, ValidationError
+
+from distilbert_cli.errors import UsageError, invalid_entry, unreadable
+from distilbert_cli.models.loading import PICKLE_SUFFIXES
 from distilbert_cli.rundir import temporary_path
 
 log = logging.getLogger(__name__)
@@ -33,7 +37,6 @@ SCHEDULER = "scheduler.json"
 GRAD_SCALER = "grad_scaler.json"
 TRAINER_STATE = "trainer_state.json"
 BEST = "best"  # the best model on the validation split, beside the step-N checkpoints
-_PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 
 
 @dataclass
@@ -51,6 +54,26 @@ class TrainerState:
     best_step: int | None = None
     stale_evaluations: int = 0
     stopped_early: bool = False
+
+
+class _LogWindow(BaseModel):
+    micro_batches: Annotated[int, Field(strict=True, ge=0)]
+    names: list[str]
+    sums: list[list[float]]
+
+
+class _SavedState(BaseModel):
+    """The types trainer_state.json must hold (what a resume reads from it)."""
+
+    step: Annotated[int, Field(strict=True, ge=0)]
+    tokens_seen: Annotated[int, Field(strict=True, ge=0)]
+    bad_steps: Annotated[int, Field(strict=True, ge=0)]
+    log_window: _LogWindow | None
+    best_score: float | None
+    best_step: Annotated[int, Field(strict=True, ge=0)] | None
+    stale_evaluations: Annotated[int, Field(strict=True, ge=0)]
+    stopped_early: Annotated[bool, Field(strict=True)]
+    resume_state: dict
 
 
 def step_dir(checkpoints_dir: Path, step: int) -> Path:
@@ -91,7 +114,7 @@ def _read(path: Path, load):
         raise unreadable(path, "missing")
     try:
         return load(path)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as exc:
         raise unreadable(path, exc) from exc
 
 
@@ -103,7 +126,7 @@ def read_checkpoint(checkpoint: Path, resume_state: dict, setting: str) -> Train
     """The trainer state saved with `checkpoint`, after checking that its files are there and that the settings
     that change the maths (loss, masking, batch, optimiser, schedule, data, seed) are the checkpoint's. `setting`
     names the resume setting (train.resume, finetune.resume...) in the errors."""
-    if pickles := sorted(p.name for p in checkpoint.iterdir() if p.suffix in _PICKLE_SUFFIXES):
+    if pickles := sorted(p.name for p in checkpoint.iterdir() if p.name.endswith(PICKLE_SUFFIXES)):
         raise UsageError(f"{checkpoint} is in the old pickle format ({', '.join(pickles)}), which is not loaded "
                          f"because unpickling can run code: pass {setting}=never to start over")
     for name in (MODEL, OPTIMIZER, SCHEDULER):
@@ -114,6 +137,10 @@ def read_checkpoint(checkpoint: Path, resume_state: dict, setting: str) -> Train
     expected = [field.name for field in fields(TrainerState)] + ["resume_state"]
     if not isinstance(saved, dict) or (missing := [key for key in expected if key not in saved]):
         raise unreadable(path, f"it lacks {', '.join(missing)}" if isinstance(saved, dict) else "not an object")
+    try:
+        _SavedState.model_validate(saved)
+    except ValidationError as exc:
+        raise unreadable(path, invalid_entry(exc)) from None
     saved_flat, current_flat = _flatten(saved["resume_state"]), _flatten(resume_state)
     differing = sorted(k for k in saved_flat.keys() | current_flat.keys() if saved_flat.get(k) != current_flat.get(k))
     if differing:
@@ -205,9 +232,9 @@ def load_checkpoint(checkpoint: Path, accelerator, model, optimizer, scheduler) 
     """Restore what save_checkpoint wrote into the prepared model, optimizer and scheduler (on every process)."""
     _load_weights(accelerator, model, checkpoint)
     _read(checkpoint / OPTIMIZER, lambda p: optimizer.load_state_dict(_load_optimizer(p)))
-    _read(checkpoint / SCHEDULER, lambda p: scheduler.load_state_dict(json.loads(p.read_text())))
+    scheduler.load_state_dict(read_state_json(checkpoint / SCHEDULER, scheduler.state_dict()))
     if accelerator.scaler is not None:
-        _read(checkpoint / GRAD_SCALER, lambda p: accelerator.scaler.load_state_dict(json.loads(p.read_text())))
+        accelerator.scaler.load_state_dict(read_state_json(checkpoint / GRAD_SCALER, accelerator.scaler.state_dict()))
 
 
 def save_best(accelerator, checkpoints_dir: Path, model) -> None:
@@ -220,3 +247,31 @@ def save_best(accelerator, checkpoints_dir: Path, model) -> None:
 def load_best(accelerator, checkpoints_dir: Path, model) -> None:
     """Restore the weights save_best kept (on every process)."""
     _load_weights(accelerator, model, checkpoints_dir / BEST)
+
+
+def read_state_json(path: Path, like: dict) -> dict:
+    """A saved state (scheduler, grad scaler) whose values have the types of `like`, the fresh object's own state:
+    `load_state_dict` takes any dict, and a wrong value would only fail steps later."""
+    saved = _read_json(path)
+    if (problem := _shape_problem(saved, like, "")) is not None:
+        raise unreadable(path, problem)
+    return saved
+
+
+def _shape_problem(saved, like, where: str) -> str | None:
+    """Where `saved` differs in shape from `like` (lengths, value types; an int stands for a float), or None."""
+    if isinstance(like, dict):  # keys only the saved state has are left alone (another torch version's state)
+        if not isinstance(saved, dict) or (missing := sorted(like.keys() - saved.keys())):
+            return f"{where or 'the top level'} " + (f"lacks {', '.join(missing)}" if isinstance(saved, dict)
+                                                     else "is not a JSON object")
+        found = (_shape_problem(saved[key], like[key], f"{where}.{key}".lstrip(".")) for key in like)
+    elif isinstance(like, list):
+        if not isinstance(saved, list) or len(saved) != len(like):
+            return f"{where} is not a list of {len(like)}"
+        found = (_shape_problem(item, model, f"{where}[{index}]")
+                 for index, (item, model) in enumerate(zip(saved, like, strict=True)))
+    else:
+        kinds = (int, float) if isinstance(like, float) else (type(like),)
+        fits = like is None or isinstance(saved, kinds) and isinstance(saved, bool) == isinstance(like, bool)
+        return None if fits else f"{where} is {type(saved).__name__}, not {type(like).__name__}"
+    return next(filter(None, found), None)

@@ -100,11 +100,13 @@ def digests(path: Path) -> dict[str, str]:
 
 @contextmanager
 def paused(phase: str, tmp_path: Path, *args: str):
-    """`distil ARGS` in a child process held at `phase` (tests/faults/pause.py); killed with SIGKILL on exit."""
+    """`distil ARGS` in a child process held at `phase` (tests/faults/pause.py); killed with SIGKILL on exit. The
+    child leads a process group of its own, as a command started from a shell does (Ctrl-C: `os.killpg`)."""
     marker = tmp_path / f"at-{phase}"
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # same threads as this process: bitwise-comparable maths
     child = subprocess.Popen([sys.executable, str(REPO / "tests" / "faults" / "pause.py"), phase, str(marker),
-                              *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                              *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)
     try:
         deadline = time.monotonic() + PAUSE_TIMEOUT_S
         while not marker.exists():

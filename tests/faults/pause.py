@@ -3,7 +3,10 @@
     python tests/faults/pause.py PHASE MARKER distil-arguments...
 
 At PHASE the process creates MARKER and waits; the test polls for MARKER, then sends SIGKILL. Phases:
+    compose                any command, before its config is composed (no stage open yet)
     tokenize               prepare-data, the corpus read into .tmp-work/, before tokenizing
+    tokenize-workers       prepare-data with prepare.num_proc > 1, inside the tokenizing worker processes
+    finetune               finetune, its inputs read (and read-locked), before the first model is fine-tuned
     after-checkpoint-N     any training stage, right after its first checkpoint of step N is in place
     after-checkpoint-N-K   the same at the K-th such checkpoint (finetune's runs, task-distill's two steps)
     inside-checkpoint-N    train, checkpoint N half written (.tmp-step-N/ has the model and optimizer only)
@@ -24,7 +27,19 @@ def hold(marker: Path) -> None:
 
 
 def install(phase: str, marker: Path) -> None:
-    if phase == "tokenize":
+    if phase == "compose":
+        from distilbert_cli import cli
+
+        cli.compose_config = lambda *args, **kwargs: hold(marker)
+    elif phase == "tokenize-workers":
+        from distilbert_cli.data import tokenize
+
+        tokenize.tokenize_documents = lambda *args, **kwargs: hold(marker)  # sent to (forked) workers by datasets
+    elif phase == "finetune":
+        from distilbert_cli.stages import finetune
+
+        finetune.finetune_one = lambda *args, **kwargs: hold(marker)
+    elif phase == "tokenize":
         from distilbert_cli.data import prepared
 
         prepared.tokenize_corpus = lambda *args, **kwargs: hold(marker)

@@ -23,7 +23,7 @@ def test_missing_path_is_a_usage_error(tmp_path):
 
 
 def test_directory_without_a_checkpoint_is_a_usage_error(tmp_path):
-    with pytest.raises(UsageError, match="cannot load teacher"):
+    with pytest.raises(UsageError, match=f"teacher {tmp_path} has no config.json: not a saved model"):
         load_model(AutoModelForMaskedLM, str(tmp_path), role="teacher")
 
 

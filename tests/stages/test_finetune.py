@@ -77,7 +77,7 @@ def test_model_without_sequence_classification_exits_2(tmp_path):
     (tmp_path / "empty").mkdir()
     code, output = _invoke("finetune", "task.names=[rte]", f"task.data_dir={GLUE_DIR}",
                            f"finetune.models=[{tmp_path / 'empty'}]", f"run_dir={tmp_path / 'run'}")
-    assert code == 2 and "cannot load model" in output
+    assert code == 2 and f"model empty {tmp_path / 'empty'} has no config.json: not a saved model" in output
 
 
 def test_eval_of_a_model_that_is_not_fine_tuned_exits_2(tmp_path, tiny_models):

@@ -242,8 +242,8 @@ def _custom_code(tmp_path: Path) -> Path:
     (lambda tmp, tiny: _not_bert_family(tmp), [], "is a 'gpt2' model, which is not supported (supported: bert, "
                                                   "roberta, xlm-roberta, camembert, electra, deberta-v2, modernbert, "
                                                   "distilbert)"),
-    (lambda tmp, tiny: _custom_code(tmp), [], "it ships its own model code, which runs only with "
-                                              "trust_remote_code=true"),
+    (lambda tmp, tiny: _custom_code(tmp), [], "ships its own model code (auto_map ['AutoConfig', "
+                                              "'AutoModelForMaskedLM']), which runs only with trust_remote_code=true"),
     (lambda tmp, tiny: tiny, ["init=explicit", "init.layers=[0,2,4,7,9,12]"], "teacher layers are 0..11"),
     (lambda tmp, tiny: tiny, ["init=explicit", "init.layers=[0,2,4]", "student.num_layers=6"],
      "has 3 layers but student.num_layers=6"),

@@ -66,10 +66,12 @@ def test_answers_off_their_context_are_counted_and_skipped(tmp_path, caplog):
 @pytest.mark.parametrize(("content", "message"), [
     ({"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "c",
                                                                 "qas": [{"id": "a", "answers": []}]}]}]},
-     r"not in the SQuAD JSON layout: data\[0\].paragraphs\[0\].qas\[0\] has no valid 'question'"),
+     r"not in the SQuAD JSON layout: data\[0\].paragraphs\[0\].qas\[0\].question is missing"),
     ({"version": "1.1", "data": [{"title": "t", "paragraphs": [{"qas": []}]}]},
-     r"data\[0\].paragraphs\[0\] has no valid 'context'"),
-    ({"version": "1.1"}, "the top level has no valid 'data'"),
+     r"data\[0\].paragraphs\[0\].context is missing"),
+    ({"version": "1.1"}, "data is missing"),
+    ({"version": "1.1", "data": [{"paragraphs": [{"context": "c", "qas": {"id": "a"}}]}]},
+     r"data\[0\].paragraphs\[0\].qas is not a list"),
     ({"version": "1.1", "data": []}, "SQuAD v1.1 dev split is empty"),
 ])
 def test_a_file_out_of_layout_or_empty_is_an_error(tmp_path, content, message):

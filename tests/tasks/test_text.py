@@ -125,7 +125,7 @@ def test_rows_with_an_empty_text_or_label_are_skipped_and_counted(tmp_path):
      r"label 'meh' \(row 2\) is not one of the classes \['neg', 'pos'\]"),
     (["text,label", "a,0", "b,1"], ["text,label", "c,5"], [], r"label id 5 \(row 1\) is not one of the 2 classes"),
     (["text,label", "a,pos"], ["text,label", "c,pos"], ["task.data.label_field=stars"],
-     r"has no field 'stars' \(its fields: text, label\)"),
+     r"has no field 'stars' \(its fields: 'text', 'label'\)"),
     (["text,label", "a,pos"], ["text,label"], [], r"dev.csv is empty"),
     (["text,label", "a,pos"], ["text,label", ",pos"], [], r"dev.csv is empty \(1 rows with an empty text"),
 ])
