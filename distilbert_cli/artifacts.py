@@ -10,6 +10,7 @@ stages read. The stage that writes a file and every stage that reads it name it 
     <run_dir>/evaluate/      results.json, results.md
     <run_dir>/bench-cpu/     results.json, results.md, latency.png
     <run_dir>/report/        report.md and the charts it embeds
+    <run_dir>/sweep/         sweep.json; <member>/ (a run directory per member: member.json and its stages)
 
 `UNFINGERPRINTED` names, per stage, the files that record how the run went rather than what it made (timings,
 the stage's own checkpoints, tracker files): a stage's fingerprint, which the stages consuming it verify and a
@@ -37,6 +38,10 @@ EVALUATE = "evaluate"
 BENCH_CPU = "bench-cpu"
 REPORT = "report"
 STAGES = (PREPARE_DATA, INIT_STUDENT, DISTILL, FINETUNE, TASK_DISTILL, EVALUATE, BENCH_CPU, REPORT)
+# The stage folder each command writes (`distil train` writes distill/).
+COMMAND_STAGES = {"prepare-data": PREPARE_DATA, "init-student": INIT_STUDENT, "train": DISTILL, "finetune": FINETUNE,
+                  "task-distill": TASK_DISTILL, "evaluate": EVALUATE, "bench-cpu": BENCH_CPU, "report": REPORT}
+SWEEP = "sweep"
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -171,6 +176,28 @@ class TaskDistillOutputs:
 
 
 TASK_DISTILLED_MODEL = "student"
+
+
+@dataclass(frozen=True)
+class SweepOutputs:
+    """distil sweep's folder: `sweep.json` (its stages and members, each member's overrides) and one run directory
+    per member, named by its swept overrides, whose `member.json` says how its last attempt ended."""
+
+    path: Path  # <run_dir>/sweep
+
+    @property
+    def record(self) -> Path:
+        return self.path / "sweep.json"
+
+    def member(self, name: str) -> Path:
+        return self.path / name
+
+    def member_record(self, name: str) -> Path:  # status, the stage that failed and its error line, times
+        return self.member(name) / "member.json"
+
+    @property
+    def jobs(self) -> Path:  # submitit's job files and logs
+        return self.path / ".submitit"
 
 
 def finetune_runs(finetune_dir: Path, model: str, task: str) -> list[FinetuneRun]:

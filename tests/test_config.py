@@ -26,6 +26,7 @@ PUBLIC_KEYS = {
     "evaluate": ["run_dir", "overwrite", "seed", "task.names", "task.data_dir"],
     "bench_cpu": ["run_dir", "overwrite", "seed", "task.names"],
     "report": ["run_dir", "overwrite", "seed"],
+    "sweep": ["run_dir", "sweep.stages", "sweep.launcher", "sweep.parallel"],
 }
 SHARED_KEYS = {"run_dir", "overwrite", "seed", "trust_remote_code"}
 
