@@ -247,8 +247,9 @@ def run_member(member: Member, launch: Launch | None = None) -> dict:
     run_dir, started = Path(member.run_dir), _now()
     run_dir.mkdir(parents=True, exist_ok=True)
     lead = launch.node_rank == 0
+    where = {"host": socket.gethostname(), "pid": os.getpid()}  # the job's (a thread of the sweep's, locally)
     if lead:
-        _write_outcome(member, status=RUNNING, started_at=started)
+        _write_outcome(member, status=RUNNING, started_at=started, **where)
     log_path = run_dir / "sweep-log.txt"
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": launch.devices} if launch.devices is not None else {})}
     rerun = member.overwrite
@@ -271,11 +272,11 @@ def run_member(member: Member, launch: Launch | None = None) -> dict:
             write_json_atomic(_node_marker(run_dir, index), {"code": code})
         if code != 0:
             outcome = {"status": FAILED, "failed_stage": command, "error": _error_line(log_path),
-                       "started_at": started, "ended_at": _now()}
+                       "started_at": started, "ended_at": _now(), **where}
             if lead:
                 _write_outcome(member, **outcome)
             return {"member": member.name, **outcome}
-    outcome = {"status": COMPLETE, "started_at": started, "ended_at": _now()}
+    outcome = {"status": COMPLETE, "started_at": started, "ended_at": _now(), **where}
     if lead:
         _write_outcome(member, **outcome)
     return {"member": member.name, **outcome}
