@@ -123,8 +123,8 @@ def test_a_member_failing_at_run_time_leaves_the_other_complete_and_is_retried(t
     assert status.exit_code == 0
     rows = [line for line in status.output.splitlines() if line.startswith("| student")]
     assert rows == ["| student.num_layers=2 | complete | complete |  |",
-                    "| student.num_layers=13 | failed | pending | student.num_layers=13: the student needs 1 to 12 layers "
-                    "(the teacher has 12) |"]
+                    "| student.num_layers=13 | failed | pending | student.num_layers=13: the student needs 1 to 12 "
+                    "layers (the teacher has 12) |"]
     started = read_manifest(good / "init-student")["started_at"]
     again = distil(*sweep)
     assert "member student.num_layers=2: complete, skipped" in again.output
