@@ -115,25 +115,27 @@ def _tree_memory(process: psutil.Process) -> int:
     return total
 
 
-def _largest_rss(process: psutil.Process) -> int:
-    """The largest resident set of one process of the tree (file pages it maps and touched included)."""
-    largest = 0
+def _largest_rss(process: psutil.Process) -> tuple[int, int]:
+    """The largest resident set of one process of the tree, and the largest anonymous part of one (its RSS less the
+    pages of files it maps: memory-mapped Arrow files are read through the page cache, reclaimable, not held)."""
+    largest, anonymous = 0, 0
     for member in [process, *process.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
-            largest = max(largest, member.memory_info().rss)
-    return largest
+            info = member.memory_info()
+            largest, anonymous = max(largest, info.rss), max(anonymous, info.rss - info.shared)
+    return largest, anonymous
 
 
-def timed_child(command: list[str], interval: float = 0.2) -> tuple[float, int, str, int]:
+def timed_child(command: list[str], interval: float = 0.2) -> tuple[float, int, str, tuple[int, int]]:
     """Run a child process to its end: (wall seconds, peak memory of its process tree, stdout, the largest RSS of
-    any one of its processes), memory sampled every `interval` seconds."""
+    any one of its processes and the largest anonymous RSS), memory sampled every `interval` seconds."""
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    process, peak_tree, peak_rss = psutil.Process(child.pid), 0, 0
+    process, peak_tree, peak_rss = psutil.Process(child.pid), 0, (0, 0)
     while child.poll() is None:
         with contextlib.suppress(psutil.Error):  # the child itself just exited
             peak_tree = max(peak_tree, _tree_memory(process))
-            peak_rss = max(peak_rss, _largest_rss(process))
+            peak_rss = tuple(map(max, peak_rss, _largest_rss(process)))
         time.sleep(interval)
     seconds = time.perf_counter() - started
     if child.returncode != 0:
@@ -193,8 +195,8 @@ def scale_run(work: Path, gigabytes: float, num_proc: str, train_steps: int) -> 
     tokens = stats["tokens_written"]["total"]
     print(f"prepare-data: {tokens:,} tokens, {stats['sequences_written']['total']:,} sequences in {seconds:.0f} s "
           f"= {tokens / seconds:,.0f} tokens/s; dataset {size / 1e9:.2f} GB in {shards['train']} train + "
-          f"{shards['validation']} validation shards; peak memory: largest process RSS {_mib(rss)}, process tree "
-          f"PSS {_mib(tree)}", flush=True)
+          f"{shards['validation']} validation shards; peak memory: largest process RSS {_mib(rss[0])} (anonymous "
+          f"{_mib(rss[1])}), process tree PSS {_mib(tree)}", flush=True)
     corpus.unlink()
     subprocess.run([*cli, "init-student", f"teacher.name_or_path={teacher}", f"run_dir={run_dir}"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -204,7 +206,8 @@ def scale_run(work: Path, gigabytes: float, num_proc: str, train_steps: int) -> 
          "validation.max_sequences=64", "train.checkpoint_every=1000000"], interval=1.0)
     log = (run_dir / "distill" / "log.txt").read_text()
     print(f"train ({train_steps} steps of 16 sequences, data verified, memory-mapped and grouped): {seconds:.0f} s "
-          f"from start to exit; peak memory: largest process RSS {_mib(rss)}, process tree PSS {_mib(tree)}")
+          f"from start to exit; peak memory: largest process RSS {_mib(rss[0])} (anonymous {_mib(rss[1])}), process "
+          f"tree PSS {_mib(tree)}")
     print("train log:\n" + "\n".join("  " + line for line in log.splitlines() if "effective batch" in line
                                      or "stage distill" in line))
 

@@ -9,8 +9,9 @@ DistilBERT `distil init-student` builds from it (every other layer), the step th
 computes it (training.distiller: the teacher's forward without gradients, the student's forward and backward, the
 vocabulary logits at every real token since loss.restrict_ce_to_mask is false). torch's FlopCounterMode counts the
 floating-point operations of every matrix product and attention kernel the step runs (2 per multiply-add; norms,
-activations and the optimizer's elementwise work are left out: well under 1%). The batch holds full-length
-sequences, so every token is a real one.
+activations and the optimizer's elementwise work are left out: well under 1%). Attention runs eagerly here (plain
+matrix products, which the counter sees; the fused SDPA kernel on CPU is not counted, and does the same products).
+The batch holds full-length sequences, so every token is a real one.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ def count(args, seq: int) -> dict:
     torch.manual_seed(0)
     teacher_config = BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                                 num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
-                                max_position_embeddings=max(512, seq))
+                                max_position_embeddings=max(512, seq), attn_implementation="eager")
     teacher = BertForMaskedLM(teacher_config).eval().requires_grad_(False)
     layer_map = list(range(0, args.layers, 2))
-    student = AutoModelForMaskedLM.from_config(student_config(teacher_config, "auto", layer_map))
+    student = AutoModelForMaskedLM.from_config(student_config(teacher_config, "auto", layer_map),
+                                               attn_implementation="eager")
     plan = LossPlan.from_config(compose_config("train", ["+experiment=triple_loss"]).loss)
     pairs = layer_pairs(len(layer_map), args.layers, layer_map, plan.teacher_layer)
     rng = np.random.default_rng(0)
