@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
