@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,30 @@ def machine(rank: int, port: int, run_dir: Path, audit_dir: Path, output: Path) 
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
 
 
+def listening(port: int, process: subprocess.Popen, timeout: float) -> None:
+    """Wait until something accepts connections on the port (machine 0's rendezvous store), or `process` ends."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+
+
+def wait_for(machines: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    """Their exit codes; once one fails, or at the timeout, the others are stopped (they would wait for it)."""
+    deadline = time.monotonic() + timeout
+    while any(m.poll() is None for m in machines) and time.monotonic() < deadline:
+        if any(m.poll() not in (None, 0) for m in machines):
+            break
+        time.sleep(0.5)
+    for m in machines:
+        if m.poll() is None:
+            m.kill()
+            m.wait()
+    return [m.returncode for m in machines]
+
+
 def metrics(run_dir: Path) -> list[dict]:
     lines = (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k.startswith("loss") or k == "step"} for line in lines]
@@ -69,8 +95,12 @@ def test_two_machines_train_as_one_process_with_accumulation_and_only_the_global
 
     port = free_port()
     logs = [tmp_path / f"machine-{rank}.txt" for rank in (0, 1)]
-    machines = [machine(rank, port, shared, audit, log) for rank, log in zip((0, 1), logs, strict=True)]
-    codes = [m.wait(timeout=600) for m in machines]
+    # Machine 0 first: on one host both c10d agents could host the rendezvous store, and accelerate refuses to start
+    # machine 0 on a port already taken (by machine 1's store); on a cluster each machine checks its own host.
+    machines = [machine(0, port, shared, audit, logs[0])]
+    listening(port, machines[0], timeout=300)
+    machines.append(machine(1, port, shared, audit, logs[1]))
+    codes = wait_for(machines, timeout=600)
     assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
 
     assert [(m["world_size"], m["accumulation"]) for m in map(read_manifest, (shared / "distill", single / "distill"))
