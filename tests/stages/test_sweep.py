@@ -134,6 +134,7 @@ def test_a_member_failing_at_run_time_leaves_the_other_complete_and_is_retried(t
     assert "student.num_layers=2 (not run: its complete init-student ran with other overrides" in changed.output
 
 
+@pytest.mark.slow  # two submitit jobs, each a fresh interpreter running init-student (~1 min on 2 cores)
 def test_submitit_local_runs_each_member_as_a_job_of_its_own(tmp_path, tiny_teacher):
     """The slurm code path (submitit), on this machine: each member runs in a job process of its own."""
     root = tmp_path / "jobs"
