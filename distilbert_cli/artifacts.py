@@ -14,6 +14,7 @@ stages read. The stage that writes a file and every stage that reads it name it 
     <run_dir>/publish/       <name>/{README.md (the model card), the weights, tokenizer and recommended ONNX
                              variants, parity.json}   manifest: pushed
     <run_dir>/report/        report.md and the charts it embeds
+    <run_dir>/sweep/         sweep.json; <member>/ (a run directory per member: member.json and its stages)
 
 `UNFINGERPRINTED` names, per stage, the files that record how the run went rather than what it made (timings,
 the stage's own checkpoints, tracker files): a stage's fingerprint, which the stages consuming it verify and a
@@ -45,10 +46,12 @@ EXPORT = "export"
 PUBLISH = "publish"
 REPORT = "report"
 STAGES = (PREPARE_DATA, INIT_STUDENT, DISTILL, FINETUNE, TASK_DISTILL, EVALUATE, BENCH_CPU, EXPORT, PUBLISH, REPORT)
-# The command that writes each stage (`distil <command>`), for the commands a model card says reproduce a run.
+# The command that writes each stage (`distil <command>`: `distil train` writes distill/), and the other way round.
 STAGE_COMMANDS = {PREPARE_DATA: "prepare-data", INIT_STUDENT: "init-student", DISTILL: "train", FINETUNE: "finetune",
                   TASK_DISTILL: "task-distill", EVALUATE: "evaluate", BENCH_CPU: "bench-cpu", EXPORT: "export",
                   PUBLISH: "publish", REPORT: "report"}
+COMMAND_STAGES = {command: stage for stage, command in STAGE_COMMANDS.items()}
+SWEEP = "sweep"
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -228,6 +231,28 @@ def exported_models(run: Run) -> dict[str, dict]:
     """{name: what export recorded of it (source, export task, data task, variants)} of the run's complete export
     stage; {} without one."""
     return run.manifest(EXPORT).get("models", {}) if run.complete(EXPORT) is not None else {}
+
+
+@dataclass(frozen=True)
+class SweepOutputs:
+    """distil sweep's folder: `sweep.json` (its stages and members, each member's overrides) and one run directory
+    per member, named by its swept overrides, whose `member.json` says how its last attempt ended."""
+
+    path: Path  # <run_dir>/sweep
+
+    @property
+    def record(self) -> Path:
+        return self.path / "sweep.json"
+
+    def member(self, name: str) -> Path:
+        return self.path / name
+
+    def member_record(self, name: str) -> Path:  # status, the stage that failed and its error line, times
+        return self.member(name) / "member.json"
+
+    @property
+    def jobs(self) -> Path:  # submitit's job files and logs
+        return self.path / ".submitit"
 
 
 def finetune_runs(finetune_dir: Path, model: str, task: str) -> list[FinetuneRun]:

@@ -22,7 +22,7 @@ import typer
 from omegaconf.errors import MissingMandatoryValue
 
 from distilbert_cli import processes
-from distilbert_cli.config import compose_config, one_line, renamed_overrides, to_yaml
+from distilbert_cli.config import SWEEP_KEYS, compose_config, one_line, renamed_overrides, split_overrides, to_yaml
 from distilbert_cli.errors import Interrupted, UsageError, filesystem_problem, first_line, is_disk_full
 
 USAGE_EXIT_CODE = 2
@@ -38,6 +38,8 @@ class StageCommand:
     summary: str
     io: str
     aliases: tuple[str, ...] = ()
+    # The top-level keys its config takes (None: all); its stage gets every override (distil sweep's members').
+    own_keys: tuple[str, ...] | None = None
 
 
 # A stage is imported when its command runs, so that `distil --help` and `--cfg` start without torch.
@@ -91,6 +93,11 @@ def _report() -> StageRun:
     return report.run
 
 
+def _sweep() -> StageRun:
+    from distilbert_cli.stages import sweep
+    return sweep.run
+
+
 COMMANDS = (
     StageCommand("prepare-data", "prepare_data", _prepare_data,
                  "Tokenize a corpus into the training set, with token counts for masking.",
@@ -124,7 +131,13 @@ COMMANDS = (
                  "reads: export/, the run's stages; writes: <run_dir>/publish/<name>/ (README.md = the card)"),
     StageCommand("report", "report", _report,
                  "Write the run's report: loss curves, validation MLM, downstream and CPU tables vs baselines.",
-                 "reads: the run's stages and report.baselines; writes: <run_dir>/report/report.md"),
+                 "reads: the run's stages and report.baselines, or a sweep's members; "
+                 "writes: <run_dir>/report/report.md"),
+    StageCommand("sweep", "sweep", _sweep,
+                 "Run sweep.stages for every member of a Hydra sweep (+experiment=triple_loss,no_ce range() choice() "
+                 "glob()), locally, as submitit jobs or on SLURM, sharing the run's complete stages; then the report.",
+                 "reads: <run_dir>'s complete stages (prepare-data, ...); writes: <run_dir>/sweep/<member>/",
+                 own_keys=SWEEP_KEYS),
 )
 
 app = typer.Typer(
@@ -156,14 +169,20 @@ def fail(message: str, code: int = USAGE_EXIT_CODE) -> typer.Exit:
     return typer.Exit(code)
 
 
+def without_local_rank(arguments: list[str]) -> list[str]:
+    """The arguments less the `--local_rank=N` an old `torch.distributed.launch` appends (ranks read LOCAL_RANK)."""
+    return [a for a in arguments if not a.startswith(("--local_rank=", "--local-rank="))]
+
+
 def _make_command(spec: StageCommand):
     def command(overrides: list[str] | None = _OVERRIDES, show_cfg: bool = _SHOW_CFG) -> None:
-        overrides, notes = renamed_overrides(expand_run_dir(list(overrides or [])))
+        overrides, notes = renamed_overrides(expand_run_dir(without_local_rank(list(overrides or []))))
         for note in notes:
             typer.echo(f"note: {note}", err=True)
+        own = overrides if spec.own_keys is None else split_overrides(overrides, spec.own_keys)[0]
         with processes.interrupts_as_errors():
             try:
-                cfg = compose_config(spec.config, overrides)
+                cfg = compose_config(spec.config, own)
                 if show_cfg:
                     typer.echo(to_yaml(cfg), nl=False)
                     return

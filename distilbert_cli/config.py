@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 # Config groups whose options are run-level presets rather than a command's own settings.
 PRESET_GROUPS = ("experiment", "debug")
+# The top-level keys `distil sweep` composes into its own config; every other override is for its members' stages.
+SWEEP_KEYS = ("sweep", "run_dir")
 # Keys renamed since earlier releases: old spelling -> current one.
 RENAMED_KEYS = {"glue": "task", "glue.tasks": "task.names", "glue.data_dir": "task.data_dir",
                 "finetune.max_seq_length": "task.max_seq_length", "eval.max_seq_length": "task.max_seq_length"}
@@ -39,14 +41,59 @@ def one_line(exc: BaseException) -> str:
     parts = []
     while exc is not None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if first and first not in parts:
+        if first and first != "None" and first not in parts:  # the parser's errors chain a cause printing None
             parts.append(first)
         exc = exc.__cause__ or exc.__context__
     return " ".join(parts) or "invalid configuration"
 
 
-def _override_key(override: str) -> str:
+def override_key(override: str) -> str:
+    """The dotted key (or config group) an override sets: `+experiment=no_ce` -> `experiment`."""
     return override.lstrip("+~").split("=")[0]
+
+
+def quoted(value: str) -> str:
+    """`value` as one quoted override value, whatever `=`, commas or quotes it holds (a sweep member's folder)."""
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def split_overrides(overrides: Sequence[str], top_level_keys: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The overrides whose key starts with one of `top_level_keys`, and the others, each in their order."""
+    taken = [o for o in overrides if override_key(o).split(".")[0] in top_level_keys]
+    return taken, [o for o in overrides if o not in taken]
+
+
+def expand_sweep(overrides: Sequence[str]) -> list[tuple[list[str], list[str]]]:
+    """The members of a sweep, with Hydra's own override parser and its sweep syntax (comma lists, `range()`,
+    `choice()`, `glob()` over a config group's options): for each member, in the order of the cartesian product,
+    (every override, the swept ones), each `key=value`. As Hydra's basic sweeper, a key given twice keeps its last
+    value."""
+    import itertools
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            parsed = OverridesParser.create(GlobalHydra.instance().config_loader()).parse_overrides(list(overrides))
+            choices: dict[str, list[str]] = {}
+            swept = set()
+            for override in parsed:
+                key = override.get_key_element()
+                if not override.is_sweep_override():
+                    choices[key] = [override.input_line]
+                    continue
+                if not override.is_discrete_sweep():
+                    raise UsageError(f"{override.input_line}: distil sweep enumerates comma lists, range(), choice() "
+                                     "and glob(), not interval()")
+                choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+                swept.add(key)
+                if not choices[key]:
+                    raise UsageError(f"{override.input_line}: the sweep gives no value")
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UsageError(f"cannot read the sweep's overrides: {one_line(exc)}") from exc
+    return [(list(member), [line for key, line in zip(choices, member, strict=True) if key in swept])
+            for member in itertools.product(*choices.values())]
 
 
 def renamed_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -71,7 +118,7 @@ def compose_unvalidated(command_config: str, overrides: Sequence[str] = ()) -> D
     preset that its own config has (random_init's `init` goes to init-student, not to train).
     """
     overrides = list(overrides)
-    presets = [o for o in overrides if _override_key(o) in PRESET_GROUPS]
+    presets = [o for o in overrides if override_key(o) in PRESET_GROUPS]
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name=command_config, overrides=overrides)

@@ -31,6 +31,8 @@ LOSS_COMPONENTS = {"distill": ("loss", *(f"loss_{name}" for name in LOSS_TERMS))
 PUBLISHED_ABLATIONS = {"no_ce": -2.96, "no_cos": -1.46, "no_mlm": -0.31, "random_init": -3.69}
 # The latency the accuracy chart plots: eager PyTorch fp32 (the paper's Table 3 setting) at the smallest batch.
 CHART_BACKEND = "eager"
+# The heading of a sweep report's member table (distil sweep prints the section that follows it).
+MEMBER_TABLE_HEADING = "## Sweep members"
 
 
 # What the report reads of each complete stage of a run (its own and each baseline's), as the glob of the files it
@@ -56,7 +58,10 @@ def run_summary(run_dir: Run) -> dict:
                        param_counts=init.param_counts, student_arch=init.student_arch,
                        student_class=init.student_class)
     if distill_dir := run_dir.complete(artifacts.DISTILL):
-        config = run_dir.manifest(artifacts.DISTILL)["config"]
+        manifest = run_dir.manifest(artifacts.DISTILL)
+        config = manifest["config"]
+        summary["experiment"] = next((o.split("=", 1)[1] for o in manifest["overrides"]
+                                      if o.lstrip("+").startswith("experiment=")), None)
         # the weights the run recorded (a run from before a term existed has no key for it)
         summary["loss_weights"] = {key: value for key, value in config["loss"].items()
                                    if key.startswith("alpha_") and value}
@@ -119,18 +124,18 @@ def plot_losses(runs: list[dict], path: Path) -> bool:
     return True
 
 
-def _fmt(value, digits: int = 3) -> str:
+def fmt(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _student(run: dict) -> str:
+def student_label(run: dict) -> str:
     """The student's class and size: methods side by side distill different students."""
     if "student_class" not in run:
         return "–"
     return f"{run['student_class'].removesuffix('ForMaskedLM')} {run['param_counts']['student'] / 1e6:.1f}M"
 
 
-def _init(run: dict) -> str:
+def init_label(run: dict) -> str:
     """How the student started: init-student's strategy (a BiLSTM copies no layers, only the embeddings)."""
     if run.get("student_arch") == "bilstm":
         return "random" if run["init_strategy"] == "random" else "teacher's embeddings, PCA"
@@ -147,20 +152,25 @@ def ablation_table(main: dict, baselines: list[dict]) -> list[str]:
         score = run.get("downstream", {}).get("student")
         delta = None if score is None or base_score is None or run is main else score - base_score
         weights = ", ".join(f"{k.removeprefix('alpha_')} {v:g}" for k, v in run.get("loss_weights", {}).items())
-        published = PUBLISHED_ABLATIONS.get(run["name"])
-        lines.append(f"| {run['name']} | {weights or '–'} | {_student(run)} | {_init(run)} | "
-                     f"{_fmt(student.get('mlm_loss'))} | {_fmt(student.get('mlm_accuracy'))} | "
-                     f"{_fmt(score, 1)} | {'–' if delta is None else f'{delta:+.1f}'} | "
+        published = published_ablation(run)
+        lines.append(f"| {run['name']} | {weights or '–'} | {student_label(run)} | {init_label(run)} | "
+                     f"{fmt(student.get('mlm_loss'))} | {fmt(student.get('mlm_accuracy'))} | "
+                     f"{fmt(score, 1)} | {'–' if delta is None else f'{delta:+.1f}'} | "
                      f"{'–' if published is None else f'{published:+.2f} (published)'} |")
     teacher = main.get("validation", {}).get("teacher") or {}
     if teacher:
-        lines.append(f"| teacher | – | – | – | {_fmt(teacher.get('mlm_loss'))} | {_fmt(teacher.get('mlm_accuracy'))} | "
-                     f"{_fmt(main.get('downstream', {}).get('teacher'), 1)} | – | – |")
+        lines.append(f"| teacher | – | – | – | {fmt(teacher.get('mlm_loss'))} | {fmt(teacher.get('mlm_accuracy'))} | "
+                     f"{fmt(main.get('downstream', {}).get('teacher'), 1)} | – | – |")
     if untrained := [run["name"] for run in [main, *baselines] if "loss_weights" in run and not _trains_head(run)]:
         lines += ["", f"Not trained by the objective (no term needs the student's logits), the MLM head of "
                       f"{', '.join(untrained)} is as initialised: those validation MLM figures do not measure the "
                       "encoder; compare those runs downstream."]
     return lines
+
+
+def published_ablation(run: dict) -> float | None:
+    """The paper's Table 4 delta for a run of one of its ablations (its `+experiment`, else its folder's name)."""
+    return PUBLISHED_ABLATIONS.get(run.get("experiment") or run["name"])
 
 
 def _trains_head(run: dict) -> bool:
@@ -271,7 +281,7 @@ def task_distillation_lines(found: list[dict]) -> list[str]:
         training = (f"labels: {labels['steps']} steps on {labels['train_examples']} examples; distilled: "
                     f"{intermediate}{steps['prediction']} steps on {td['transfer']['rows']} rows "
                     f"(augment={augment['method']}{copies}; {weights}, T {td['training']['temperature']:g})")
-        lines.append(f"| {run['name']} | {_student(run)} | {entry['labels']:.1f} | {entry['distilled']:.1f} | "
+        lines.append(f"| {run['name']} | {student_label(run)} | {entry['labels']:.1f} | {entry['distilled']:.1f} | "
                      f"{delta:+.1f} | {interval} | {_within(comparison)} | {training} |")
         if comparison is not None:
             verdicts.append(f"- {run['name']}: task-distilled {entry['distilled']:.1f} vs labels alone "

@@ -270,22 +270,38 @@ def verify_outputs(stage_dir: Path, manifest: dict, reads: str = "*") -> None:
 @dataclass
 class Run:
     """A run directory: where each stage lives, whether it is complete (asked here and nowhere else), each complete
-    stage's manifest (read once), and the run-wide trust setting for code shipped with checkpoints."""
+    stage's manifest (read once), and the run-wide trust setting for code shipped with checkpoints.
+
+    A run may have an `upstream` run (`upstream_run_dir`: a sweep member's is the sweep's own run directory): a
+    stage this run has no manifest of is the upstream's complete stage, used in place, without a copy (its path and
+    fingerprint are recorded and its files verified by the stage that reads it, as for the run's own)."""
 
     path: Path
     trust_remote_code: bool = False
+    upstream: Run | None = None
     _complete: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def of(cls, cfg) -> Run:
-        """The run of a validated config (its `run_dir` and `trust_remote_code`)."""
-        return cls(Path(cfg.run_dir), cfg.trust_remote_code)
+        """The run of a validated config (its `run_dir`, `upstream_run_dir` and `trust_remote_code`)."""
+        upstream = cls(Path(cfg.upstream_run_dir), cfg.trust_remote_code) if cfg.upstream_run_dir else None
+        return cls(Path(cfg.run_dir), cfg.trust_remote_code, upstream)
 
     def stage_dir(self, stage: str) -> Path:
+        """Where this run writes `stage` (an upstream stage is read where it is: `complete`, `require`)."""
         return self.path / stage
+
+    def _holder(self, stage: str) -> Run:
+        """The run whose `stage` this run reads: its own once it has a manifest of it, else a complete upstream's."""
+        if (self.upstream is not None and not (self.stage_dir(stage) / MANIFEST).exists()
+                and self.upstream.complete(stage) is not None):
+            return self.upstream
+        return self
 
     def manifest(self, stage: str) -> dict | None:
         """The stage's manifest (None when there is none); a complete one is read once and kept."""
+        if (holder := self._holder(stage)) is not self:
+            return holder.manifest(stage)
         if stage in self._complete:
             return self._complete[stage]
         manifest = read_manifest(self.stage_dir(stage))
@@ -294,8 +310,10 @@ class Run:
         return manifest
 
     def complete(self, stage: str) -> Path | None:
-        """The stage's directory if it is complete, else None (for readers that report what is there)."""
-        return self.stage_dir(stage) if is_complete(self.manifest(stage)) else None
+        """The stage's directory if it is complete (the upstream's for a stage this run has none of), else None
+        (for readers that report what is there)."""
+        holder = self._holder(stage)
+        return holder.stage_dir(stage) if is_complete(holder.manifest(stage)) else None
 
     def require(self, stage: str) -> Path:
         """The directory of a complete input stage, or a UsageError naming the path."""
@@ -303,7 +321,8 @@ class Run:
             return stage_dir
         manifest, stage_dir = self.manifest(stage), self.stage_dir(stage)
         if manifest is None:
-            raise UsageError(f"input stage {stage} not found: {stage_dir / MANIFEST} does not exist "
+            upstream = f" (nor a complete one in the upstream run {self.upstream.path})" if self.upstream else ""
+            raise UsageError(f"input stage {stage} not found: {stage_dir / MANIFEST} does not exist{upstream} "
                              f"(run `distil {stage} run_dir={self.path}` first)")
         raise UsageError(f"input stage {stage} is not complete (status {manifest['status']!r}): {stage_dir}")
 
@@ -341,8 +360,8 @@ class Stage:
     def use_stage(self, stage: str, reads: str = "*", run: Run | None = None) -> Path:
         """Consume a complete stage of this run (or of `run`): hold it read-locked until this stage closes, verify
         the files it wrote (those matching the glob `reads`, the ones this stage reads) against its manifest, and
-        record its fingerprint."""
-        run = run or self.run
+        record its fingerprint. A stage this run reads from its upstream run is locked and checked there."""
+        run = (run or self.run)._holder(stage)
         stage_dir, manifest = self._read_stage(run, stage, reads)
         entry = {"stage": stage, "path": str(stage_dir), "fingerprint": manifest.get("fingerprint")}
         if run is not self.run:

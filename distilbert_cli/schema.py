@@ -10,7 +10,7 @@ that need the run (the number of processes, the data, the models) stay with the 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
@@ -56,6 +56,7 @@ class Common(Group):
     overwrite: bool
     seed: Seed
     trust_remote_code: bool
+    upstream_run_dir: str | None  # null: no upstream run
 
 
 class Teacher(Group):
@@ -530,17 +531,55 @@ class ReportSettings(Group):
     baselines: list[str]
     teacher_note: str | None
     bootstrap_resamples: NonNegativeInt  # 0: off
+    reference: str | None  # a sweep's reference member (its name or one of its swept values); null: the first
 
 
 class Report(Common):
     report: ReportSettings
 
 
+# ---- sweep ----------------------------------------------------------------------------------------------
+
+# The stage commands a sweep member can run, in the pipeline's order.
+SweepCommand = Literal["prepare-data", "init-student", "train", "finetune", "task-distill", "evaluate", "bench-cpu"]
+
+
+class SlurmSettings(Group):
+    partition: str | None  # null: the cluster's default
+    account: str | None
+    nodes: PositiveInt
+    gpus_per_node: NonNegativeInt
+    cpus_per_task: PositiveInt
+    timeout_min: PositiveInt
+    array_parallelism: PositiveInt
+
+
+class SweepSettings(Group):
+    stages: Annotated[list[SweepCommand], Field(min_length=1)]
+    launcher: Literal["local", "submitit_local", "slurm"]
+    parallel: PositiveInt
+    status: bool
+    report: bool
+    slurm: SlurmSettings
+
+    @field_validator("stages")
+    @classmethod
+    def _in_pipeline_order(cls, stages):
+        order = list(get_args(SweepCommand))
+        if _distinct(stages) != sorted(stages, key=order.index):
+            raise ValueError(f"must follow the pipeline's order ({', '.join(order)})")
+        return stages
+
+
+class Sweep(Common):
+    sweep: SweepSettings
+
+
 # The schema of each command's primary config (conf/<name>.yaml).
 COMMAND_SCHEMAS: dict[str, type[BaseModel]] = {
     "prepare_data": PrepareData, "init_student": InitStudent, "train": Train, "finetune": Finetune,
     "task_distill": TaskDistill, "evaluate": Evaluate, "bench_cpu": BenchCpu, "export": Export,
-    "publish": Publish, "report": Report,
+    "publish": Publish, "report": Report, "sweep": Sweep,
 }
 
 

@@ -18,7 +18,7 @@ def test_help_lists_every_stage_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     for name in ["prepare-data", "init-student", "train", "distill", "finetune", "evaluate", "eval-glue", "bench-cpu",
-                 "report"]:
+                 "report", "sweep"]:
         assert name in result.output
 
 

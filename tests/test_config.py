@@ -28,6 +28,7 @@ PUBLIC_KEYS = {
     "export": ["run_dir", "overwrite", "seed", "task.names", "task.data_dir", "export.models"],
     "publish": ["run_dir", "overwrite", "seed", "publish.dry_run"],
     "report": ["run_dir", "overwrite", "seed"],
+    "sweep": ["run_dir", "sweep.stages", "sweep.launcher", "sweep.parallel"],
 }
 SHARED_KEYS = {"run_dir", "overwrite", "seed", "trust_remote_code"}
 

@@ -17,8 +17,9 @@ MANIFEST_FIELDS = {"stage", "status", "config", "overrides", "inputs", "versions
                    "started_at", "ended_at", "fingerprint"}
 
 
-def _cfg(run_dir, overwrite=False):
-    return Common(run_dir=str(run_dir), overwrite=overwrite, seed=1, trust_remote_code=False)
+def _cfg(run_dir, overwrite=False, upstream=None):
+    return Common(run_dir=str(run_dir), overwrite=overwrite, seed=1, trust_remote_code=False,
+                  upstream_run_dir=None if upstream is None else str(upstream))
 
 
 def open_stage(cfg, stage, overrides=(), **kwargs):
@@ -288,3 +289,37 @@ def test_a_read_only_run_directory_is_one_line_naming_the_path(run_dir, monkeypa
                                          "manifest could not even be marked failed"), \
             open_stage(_cfg(run_dir), "report"):
         pass
+
+
+def test_a_stage_the_run_lacks_is_read_from_its_upstream_in_place_verified_and_recorded(tmp_path):
+    """A sweep member (upstream_run_dir: the sweep's run) uses the sweep's prepare-data where it is: its path and
+    fingerprint go into the member's manifest, and a file changed since is refused."""
+    root, member = tmp_path / "root", tmp_path / "root" / "sweep" / "a"
+    with open_stage(_cfg(root), "prepare-data") as stage:
+        (stage.path / "data.bin").write_bytes(b"123")
+    with open_stage(_cfg(member, upstream=root), "distill") as stage:
+        assert stage.use_stage("prepare-data") == root / "prepare-data"
+    recorded = _manifest(member / "distill")["inputs"][0]
+    assert recorded == {"stage": "prepare-data", "path": str(root / "prepare-data"),
+                        "fingerprint": fingerprint(root / "prepare-data")}
+    assert not (member / "prepare-data").exists()
+    assert Run(member).complete("prepare-data") is None  # without its upstream the member has none
+    (root / "prepare-data" / "data.bin").write_bytes(b"124")
+    with pytest.raises(UsageError, match="data.bin has changed since stage prepare-data"), \
+            open_stage(_cfg(member, upstream=root, overwrite=True), "distill") as stage:
+        stage.use_stage("prepare-data")
+
+
+def test_a_stage_of_its_own_shadows_the_upstream_even_when_it_is_not_complete(tmp_path):
+    root, member = tmp_path / "root", tmp_path / "member"
+    for run_dir in (root, member):
+        with open_stage(_cfg(run_dir), "init-student") as stage:
+            (stage.path / "model.bin").write_text(str(run_dir))
+    run = Run.of(_cfg(member, upstream=root))
+    assert run.require("init-student") == member / "init-student"
+    with pytest.raises(RuntimeError), open_stage(_cfg(member, overwrite=True), "init-student"):
+        raise RuntimeError("boom")
+    with pytest.raises(UsageError, match=f"not complete.*{member / 'init-student'}"):
+        Run.of(_cfg(member, upstream=root)).require("init-student")
+    with pytest.raises(UsageError, match=f"nor a complete one in the upstream run {root}"):
+        Run.of(_cfg(member, upstream=root)).require("distill")

@@ -126,7 +126,10 @@ def build_prepared(data: LocalData | HubData, prepare: Prepare, seed: int, token
 
     train, validation = _split(kept, prepare.validation_size, seed)
     sequences = tokenized.remove_columns("drop")
-    DatasetDict(train=sequences.select(train), validation=sequences.select(validation)).save_to_disk(str(out.dataset))
+    # Written by num_proc processes, shard by shard: each maps and reads only its shard of the tokenized rows, so
+    # the pages it reads leave with it (read here, every page of the memory-mapped rows would stay resident).
+    DatasetDict(train=sequences.select(train), validation=sequences.select(validation)).save_to_disk(
+        str(out.dataset), num_proc=num_proc if num_proc > 1 else None)
     np.save(out.token_counts, train_token_counts(out.dataset, len(tokenizer)))
     phases["write"] = time.perf_counter() - clock
     return _stats(data, prepare, documents, bad, drop, lengths, {"train": train, "validation": validation}, phases,

@@ -2,12 +2,18 @@
 
     distil report runs/exp1
     distil report run_dir=runs/demo/triple_loss 'report.baselines=[runs/demo/mlm_only,runs/demo/bilstm]'
+    distil report runs/t4 report.reference=triple_loss     # over a sweep (distil sweep ran in runs/t4)
 
 Reads the complete stages of `run_dir` (init-student, distill, finetune, task-distill, evaluate, bench-cpu; each
 one that is missing is left out of the report and said so) and of each baseline run, and writes
 `<run_dir>/report/report.md` with the PNG charts it embeds (loss curves, accuracy vs CPU latency). Whether the
 student's downstream score beats a baseline's, and whether a task-distilled student beats the same student
 fine-tuned on labels alone, is judged with a paired bootstrap over the dev examples of the saved predictions.
+
+Over a sweep's run directory (`<run_dir>/sweep/sweep.json`), the report is the members' table instead: each
+member's objective, validation MLM and downstream score against `report.reference` with its paired-bootstrap
+interval, the paper's Table 4 deltas beside its ablations, the metric charted against each swept numeric value,
+and the members' loss curves.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from distilbert_cli.reporting import (
 )
 from distilbert_cli.rundir import Run, Stage
 from distilbert_cli.schema import Report
+from distilbert_cli.sweep_report import sweep_record, write_sweep_report
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,13 @@ def check_sections(stage: Stage, main: dict, text: str) -> None:
 
 def run(cfg: Report, overrides: Sequence[str] = ()) -> Path:
     run_dir = Run.of(cfg)
+    if (record := sweep_record(run_dir)) is not None:
+        with run_dir.open_stage(artifacts.REPORT, cfg, overrides) as stage:
+            facts = write_sweep_report(run_dir, record, stage.path, cfg.report.reference,
+                                       cfg.report.bootstrap_resamples, cfg.seed)
+            stage.update(**facts)
+            log.info("sweep report written: %s", stage.path / "report.md")
+        return stage.path / "report.md"
     baseline_dirs = [Run(Path(p)) for p in cfg.report.baselines]
     for each in [run_dir, *baseline_dirs]:
         if not each.path.is_dir():
