@@ -92,9 +92,10 @@ class Launch:
 
 def route(overrides: Sequence[str], commands: Sequence[str]) -> dict[str, list[str]]:
     """Which stage commands take each override: a preset (`+experiment=`, `+debug=`) goes to every command it
-    composes with (each keeps its own sections of it; `+debug=tiny` is train's alone), or to all when it composes
-    with none (so each says why); any other override to the commands whose config has its top-level key. An override
-    no command has is a UsageError (a typo would otherwise sweep nothing)."""
+    composes with (each keeps its own sections of it: `+debug=tiny` gives train its tiny budget, and train and
+    finetune logger=none), or to all when it composes with none (so each says why); any other override to the
+    commands whose config has its top-level key. An override no command has is a UsageError (a typo would otherwise
+    sweep nothing)."""
     routed: dict[str, list[str]] = {command: [] for command in commands}
     for override in overrides:
         key = override_key(override)

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from distilbert_cli.cli import COMMANDS, expand_run_dir
-from distilbert_cli.config import compose_config, renamed_overrides
+from distilbert_cli.config import compose_config, renamed_overrides, split_overrides
+from distilbert_cli.sweeps import plan_members
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-CONFIGS = {name: spec.config for spec in COMMANDS for name in (spec.name, *spec.aliases)}
+SPECS = {name: spec for spec in COMMANDS for name in (spec.name, *spec.aliases)}
 
 
 def code_lines(text: str) -> list[str]:
@@ -73,8 +74,14 @@ def test_the_readme_has_commands_for_every_stage():
 
 @pytest.mark.parametrize("words", COMMAND_LINES, ids=lambda words: " ".join(words)[:90])
 def test_every_readme_command_composes_and_validates(words):
+    """As the CLI does it (`...` is the README's "the rest as above"); a sweep's members each validate too."""
     command, *overrides = words
-    assert command in CONFIGS, f"unknown command {command!r}"
-    overrides, _ = renamed_overrides(expand_run_dir([word for word in overrides if word != "--cfg"]))
+    assert command in SPECS, f"unknown command {command!r}"
+    spec = SPECS[command]
+    overrides, _ = renamed_overrides(expand_run_dir([word for word in overrides if word not in ("--cfg", "...")]))
     assert not [word for word in overrides if re.fullmatch(r"<[^>]+>", word)]
-    compose_config(CONFIGS[command], overrides)
+    own, members = (overrides, []) if spec.own_keys is None else split_overrides(overrides, spec.own_keys)
+    cfg = compose_config(spec.config, own)
+    if command == "sweep":
+        assert not [member.error for member in plan_members(Path(cfg.run_dir), members, cfg.sweep.stages)
+                    if member.error]

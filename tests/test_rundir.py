@@ -301,7 +301,7 @@ def test_a_stage_the_run_lacks_is_read_from_its_upstream_in_place_verified_and_r
         assert stage.use_stage("prepare-data") == root / "prepare-data"
     recorded = _manifest(member / "distill")["inputs"][0]
     assert recorded == {"stage": "prepare-data", "path": str(root / "prepare-data"),
-                        "fingerprint": fingerprint(root / "prepare-data")}
+                        "fingerprint": fingerprint(root / "prepare-data"), "run_dir": str(root)}
     assert not (member / "prepare-data").exists()
     assert Run(member).complete("prepare-data") is None  # without its upstream the member has none
     (root / "prepare-data" / "data.bin").write_bytes(b"124")

@@ -52,8 +52,8 @@ def test_each_override_goes_to_the_stages_whose_config_has_it():
                     "student.num_layers=2"], COMMANDS)
     assert routed == {
         "init-student": ["+experiment=random_init", "seed=3", "student.num_layers=2"],
-        "train": ["+experiment=random_init", "+debug=tiny", "loss.temperature=4", "seed=3"],  # +debug is train's
-        "finetune": ["+experiment=random_init", "task.names=[rte]", "seed=3"],
+        "train": ["+experiment=random_init", "+debug=tiny", "loss.temperature=4", "seed=3"],
+        "finetune": ["+experiment=random_init", "+debug=tiny", "task.names=[rte]", "seed=3"],  # its logger=none
         "evaluate": ["+experiment=random_init", "task.names=[rte]", "seed=3"]}
     with pytest.raises(UsageError, match="lossx.temperature=4: none of the sweep's stages .* has the key 'lossx'"):
         route(["lossx.temperature=4"], COMMANDS)
