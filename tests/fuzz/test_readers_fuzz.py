@@ -239,6 +239,7 @@ def test_a_manifest_is_read_or_refused(tmp_path_factory, complete_stages, data, 
 
 TRAINER = {"step": 2, "tokens_seen": 100, "bad_steps": 0,
            "log_window": {"micro_batches": 2, "names": ["loss"], "sums": [[1.5]]},
+           "best_score": 71.5, "best_step": 2, "stale_evaluations": 0, "stopped_early": False,
            "resume_state": {"seed": 1, "loss": {"alpha_ce": 5.0}, "inputs": {"prepare-data": "sha256:ab"}}}
 SCHEDULER = {"base_lrs": [0.001], "last_epoch": 2, "_step_count": 3, "_is_initial": False,
              "_get_lr_called_within_step": False, "_last_lr": [0.0005], "lr_lambdas": [{}]}
@@ -256,7 +257,7 @@ def test_checkpoint_json_is_read_or_refused(trainer, scheduler):
             (checkpoint / name).write_bytes(b"")
         (checkpoint / TRAINER_STATE).write_text(json.dumps(trainer))
         (checkpoint / "scheduler.json").write_text(json.dumps(scheduler))
-        state = refused_or_read(lambda: read_checkpoint(checkpoint, TRAINER["resume_state"]))
+        state = refused_or_read(lambda: read_checkpoint(checkpoint, TRAINER["resume_state"], "train.resume"))
         assert state is None or state.step >= 0 and state.tokens_seen >= 0
         optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
         fresh = get_linear_schedule_with_warmup(optimizer, 1, 10)
