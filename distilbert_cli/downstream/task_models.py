@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 
 from distilbert_cli.errors import UsageError
+from distilbert_cli.models.families import max_sequence_length
 from distilbert_cli.models.loading import load_config, load_model
 from distilbert_cli.tasks.base import Task
 
@@ -60,7 +61,6 @@ def load_soft_teacher(path: str, task: Task, label_names, student_config, trust_
 
 
 def check_length(model, length: int, setting: str, role: str) -> None:
-    """A model must have a position for every token of the task's inputs."""
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and length > positions:
-        raise UsageError(f"{setting}={length} exceeds the {positions} positions of {role}")
+    """A model must have a position for every token of the task's inputs (RoBERTa's 514 positions take 512)."""
+    if (longest := max_sequence_length(model.config)) is not None and length > longest:
+        raise UsageError(f"{setting}={length} exceeds the {longest} tokens {role} takes")

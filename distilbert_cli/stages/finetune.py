@@ -77,7 +77,8 @@ def run(cfg: Finetune, overrides: Sequence[str] = ()) -> dict:
         get_task(name)  # a known task
     for task in tasks:
         task.check_files(cfg.task, ("train", *task.eval_splits(cfg.task)))
-    run_dir, trust = Run.of(cfg), cfg.trust_remote_code
+    run_dir = Run.of(cfg)
+    trust = run_dir.trust_remote_code
     choices = resolve_models(run_dir, ft.models, "finetune.models")
     for choice in choices:
         for task in tasks:
@@ -102,6 +103,9 @@ def run(cfg: Finetune, overrides: Sequence[str] = ()) -> dict:
             if choice.stage is not None:
                 stage.use_stage(choice.stage)
             stage.use_model(choice.source, f"model {choice.name}")
+        if ft.soft_targets.teacher not in (None, "teacher"):
+            for path in {soft_teacher_path(cfg, task, seed) for task in tasks for seed in ft.seeds}:
+                stage.use_model(path, "soft-target teacher")
         log.info("fine-tuning %s on %s, seeds %s, batch %d (micro %d x accumulation %d x %d process(es))%s",
                  [c.name for c in choices], [t.name for t in tasks], list(ft.seeds), ft.batch_size,
                  ft.batch_size // accumulation // processes, accumulation, processes,
@@ -122,6 +126,7 @@ def run(cfg: Finetune, overrides: Sequence[str] = ()) -> dict:
                 scores[choice.name][task.name] = {}
                 for seed in ft.seeds:
                     out = artifacts.FinetuneRun.of(stage.path, choice.name, task.name, seed)
+                    stage.expect(out.metrics, out.predictions, *([out.model] if ft.save_models else []))
                     summary = completed_run(out) if ft.resume != "never" else None
                     if summary is not None:
                         log.info("%s %s seed %d: finished in an earlier attempt, kept", choice.name, task.name, seed)

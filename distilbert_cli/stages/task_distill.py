@@ -34,12 +34,14 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import BaseModel, ValidationError
+
 from distilbert_cli import artifacts
 from distilbert_cli.downstream.prediction import VALIDATION, first_rows, hold_out
 from distilbert_cli.downstream.task_distillation import build_transfer_set, check_loss, distill_one
 from distilbert_cli.downstream.task_models import check_task_model, load_finetuned
 from distilbert_cli.downstream.task_training import accumulation_steps, completed_run
-from distilbert_cli.errors import UsageError
+from distilbert_cli.errors import UsageError, invalid_entry, unreadable
 from distilbert_cli.logs import distributed_state
 from distilbert_cli.models.families import find_family
 from distilbert_cli.models.loading import load_masked_lm, load_tokenizer
@@ -86,12 +88,23 @@ def transfer_settings(cfg: TaskDistill, task, teacher: str | None, masked_lm: st
             "masked_lm": source_fingerprint(masked_lm) if masked_lm is not None else None}
 
 
+class _TransferRecord(BaseModel):
+    """What transfer.json must hold: the settings the set was built with, and what building it did."""
+
+    settings: dict
+    stats: dict
+
+
 def reused_transfer(path: Path, settings: dict) -> dict:
     """Check that another run's transfer set was built as this run would build it; return its record."""
     info_path = artifacts.TaskDistillOutputs(path.parent).transfer_info
     if not path.is_dir() or not info_path.is_file():
         raise UsageError(f"task_distill.transfer_set={path}: not a task-distill transfer set (it needs {info_path})")
     info = artifacts.read_json(info_path)
+    try:
+        _TransferRecord.model_validate(info)
+    except ValidationError as exc:
+        raise unreadable(info_path, invalid_entry(exc)) from None
     if differ := [key for key in settings if info["settings"].get(key) != settings[key]]:
         found = "; ".join(f"{key}: {info['settings'].get(key)} vs {settings[key]}" for key in differ)
         raise UsageError(f"task_distill.transfer_set={path} was built with other {', '.join(differ)} than this run "
@@ -105,7 +118,9 @@ def run(cfg: TaskDistill, overrides: Sequence[str] = ()) -> dict:
     from accelerate.utils import DistributedDataParallelKwargs
     from datasets import load_from_disk
 
-    td, trust = cfg.task_distill, cfg.trust_remote_code
+    td = cfg.task_distill
+    run_dir = Run.of(cfg)
+    trust = run_dir.trust_remote_code
     task = get_task(cfg.task.names[0])
     if not isinstance(task, SequenceClassificationTask):
         raise UsageError(f"task-distill distills classification and regression tasks; {task.title} is question "
@@ -115,7 +130,6 @@ def run(cfg: TaskDistill, overrides: Sequence[str] = ()) -> dict:
     check_loss(plan, task)
     check_mixed_precision(td.mixed_precision, "task_distill.mixed_precision")
     check_resume(td.resume, "task_distill.resume")
-    run_dir = Run.of(cfg)
     (student,) = resolve_models(run_dir, [td.student], "task_distill.student")
     student_config = check_task_model(student.source, task, "student", trust)
     if td.intermediate.epochs > 0 and find_family(student_config) is None:
@@ -180,11 +194,13 @@ def run(cfg: TaskDistill, overrides: Sequence[str] = ()) -> dict:
                                       teacher_model if plan.uses_teacher else None, tokenizer, language_model,
                                       mlm_tokenizer, td.teacher_batch_size, accelerator, out, settings)
             transfer_dir = out.transfer
+        stage.expect(out.transfer_info if reused is None else transfer_dir)
         stage.update(transfer=info, held_out=len(data.splits[VALIDATION]) if VALIDATION in data.splits else 0)
         transfer = load_from_disk(str(transfer_dir))
         scores = {}
         for seed in td.seeds:
             run_out = out.run(task.name, seed)
+            stage.expect(run_out.metrics, run_out.predictions, run_out.model)
             summary = completed_run(run_out) if td.resume != "never" else None
             if summary is None:
                 summary = distill_one(td, cfg.task, cfg.logger, task, data, transfer, student.source, seed, plan,

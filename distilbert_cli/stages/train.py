@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -27,7 +26,7 @@ from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
 from distilbert_cli.logs import distributed_state
 from distilbert_cli.models.loading import load_config, load_tokenizer
-from distilbert_cli.rundir import Run, save_arrays_atomic, temporary_path, write_json_atomic
+from distilbert_cli.rundir import Run, remove_tree, save_arrays_atomic, temporary_path, write_json_atomic
 from distilbert_cli.schema import Train
 from distilbert_cli.training import setup
 from distilbert_cli.training.distiller import distillation_losses, layer_pairs
@@ -75,7 +74,8 @@ def run(cfg: Train, overrides: Sequence[str] = ()) -> dict:
     plan = LossPlan.from_config(cfg.loss)
     setup.check_machine(cfg.train, cfg.teacher)
     accumulation = setup.accumulation_steps(cfg.batch, distributed_state().num_processes)
-    run_dir, trust = Run.of(cfg), cfg.trust_remote_code
+    run_dir = Run.of(cfg)
+    trust = run_dir.trust_remote_code
     for stage_name in (artifacts.PREPARE_DATA, artifacts.INIT_STUDENT):  # a missing input leaves no stage behind
         run_dir.require(stage_name)
     if cfg.train.deterministic:
@@ -90,6 +90,8 @@ def run(cfg: Train, overrides: Sequence[str] = ()) -> dict:
     with run_dir.open_stage(artifacts.DISTILL, cfg, overrides, keep_partial=True,
                             unfingerprinted=artifacts.UNFINGERPRINTED[artifacts.DISTILL]) as stage:
         out = artifacts.DistillOutputs(stage.path)
+        stage.expect(out.final / "config.json", out.final / "model.safetensors", out.validation,
+                     out.validation_targets, out.metrics)
         # Inputs, and every check on the models' configs before anything heavy is loaded
         inputs = setup.read_inputs(stage)
         corpus = setup.load_corpus(inputs.prepared)
@@ -99,7 +101,7 @@ def run(cfg: Train, overrides: Sequence[str] = ()) -> dict:
             teacher_name = cfg.teacher.name_or_path or inputs.init.teacher
             teacher_config = load_config(teacher_name, trust, role="teacher")
         setup.check_compatible(student_config, teacher_config, inputs.init.teacher_has_mlm_head, plan,
-                               len(corpus.tokenizer))
+                               len(corpus.tokenizer), int(corpus.lengths.max()))
 
         # Schedule: global = micro x accumulation x world size; the budget in optimizer steps; the stages
         layout = setup.step_layout(cfg.batch, accumulation, accelerator.num_processes, len(corpus.lengths))
@@ -184,11 +186,11 @@ def run(cfg: Train, overrides: Sequence[str] = ()) -> dict:
         if accelerator.is_main_process:
             student = accelerator.unwrap_model(student_rows).model
             tmp = temporary_path(out.final)
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
             student.save_pretrained(tmp)
             load_tokenizer(str(inputs.student_dir), trust).save_pretrained(tmp)  # the student's (init-student's)
             if out.final.exists():  # left by an attempt that stopped after saving it
-                shutil.rmtree(out.final)
+                remove_tree(out.final)
             os.replace(tmp, out.final)
             log.info("distilled student: %s", out.final)
             teacher_model = teacher_rows.model if teacher_rows is not None else None

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Annotated
@@ -27,7 +26,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from distilbert_cli.errors import UsageError, invalid_entry, unreadable
 from distilbert_cli.models.loading import PICKLE_SUFFIXES
-from distilbert_cli.rundir import temporary_path
+from distilbert_cli.rundir import remove_tree, temporary_path
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ def clear_earlier_attempt(paths: list[Path], setting: str) -> None:
     for path in paths:
         if path.exists():
             log.warning("%s: removing %s of an earlier attempt", setting, path)
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            remove_tree(path)
 
 
 def _read(path: Path, load):
@@ -184,11 +183,11 @@ def _load_optimizer(path: Path) -> dict:
 def _write_directory(final: Path, write) -> None:
     """`write(folder)` into a temporary folder, renamed to `final` once complete (replacing it)."""
     tmp = temporary_path(final)
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_tree(tmp)
     tmp.mkdir(parents=True)
     write(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        remove_tree(final)
     os.replace(tmp, final)
 
 
@@ -223,7 +222,7 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainerState, res
         final = step_dir(checkpoints_dir, state.step)
         _write_directory(final, write)
         for old in checkpoints(checkpoints_dir)[:-keep_last]:
-            shutil.rmtree(old)
+            remove_tree(old)
         log.info("checkpoint: %s", final)
     accelerator.wait_for_everyone()
 

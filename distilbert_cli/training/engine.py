@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from distilbert_cli.artifacts import read_jsonl
-from distilbert_cli.errors import UsageError
+from distilbert_cli.errors import UsageError, unreadable
 from distilbert_cli.rundir import write_text_atomic
 from distilbert_cli.training.batches import StepBatches, derived_seed, to_device
 from distilbert_cli.training.checkpoint import (
@@ -256,8 +256,10 @@ class MetricsLog:
     def __init__(self, path: Path, tracker, accelerator, state: TrainerState, offset: int = 0):
         self.path, self.tracker, self.accelerator, self.offset = path, tracker, accelerator, offset
         if accelerator.is_main_process and path.exists():  # drop what was logged after the resumed checkpoint
-            kept = [record for record in read_jsonl(path, drop_torn_tail=True)
-                    if record["step"] <= offset + state.step]
+            records = read_jsonl(path, drop_torn_tail=True)
+            if stepless := [record for record in records if not isinstance(record.get("step"), int)]:
+                raise unreadable(path, f"a line without a step number: {json.dumps(stepless[0])[:80]}")
+            kept = [record for record in records if record["step"] <= offset + state.step]
             write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
         self._restart(state)
         if state.log_window is not None:

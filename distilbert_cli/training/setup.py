@@ -19,7 +19,7 @@ from distilbert_cli import artifacts
 from distilbert_cli.artifacts import InitStudentFacts, PreparedData
 from distilbert_cli.data.prepared import load_prepared
 from distilbert_cli.errors import UsageError
-from distilbert_cli.models.families import attention_projection
+from distilbert_cli.models.families import attention_projection, max_sequence_length
 from distilbert_cli.models.loading import load_frozen_teacher, load_model, load_tokenizer
 from distilbert_cli.rundir import Stage
 from distilbert_cli.training.batches import StepBatches, StepLayout
@@ -93,11 +93,15 @@ def load_corpus(prepared: PreparedData) -> Corpus:
 
 
 def check_compatible(student_config, teacher_config, teacher_has_mlm_head: bool, plan: LossPlan,
-                     data_vocab_size: int) -> None:
+                     data_vocab_size: int, data_max_length: int) -> None:
     """Refuse models and data that cannot be distilled together (teacher_config is None without a teacher)."""
     if data_vocab_size > student_config.vocab_size:
         raise UsageError(f"prepare-data's vocabulary ({data_vocab_size}) is larger than the student's "
                          f"({student_config.vocab_size}): prepare the data with the teacher's tokenizer")
+    for role, config in (("student", student_config), ("teacher", teacher_config)):
+        if config is not None and (longest := max_sequence_length(config)) is not None and data_max_length > longest:
+            raise UsageError(f"prepare-data's sequences reach {data_max_length} tokens, more than the {longest} the "
+                             f"{role} takes: prepare the data again with prepare.max_seq_length={longest}")
     if teacher_config is None:
         return
     if plan.teacher_logits and not teacher_has_mlm_head:

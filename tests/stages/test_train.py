@@ -301,9 +301,11 @@ def test_two_processes_take_one_process_gradients_and_losses_and_resume_exactly(
         assert torch.equal(resumed[name], tensor), name
 
 
-def test_each_input_manifest_is_read_once(run_dir, monkeypatch):
+def test_each_input_manifest_is_read_once_per_reason(run_dir, monkeypatch):
     """distil train asks the run for prepare-data's and init-student's manifests many times (is it complete, its
-    files, its facts, its teacher); the run reads each file once."""
+    files, its facts, its teacher); the run reads each file three times, each for a reason of its own: to find the
+    stage (before any lock file is made for it), again once its read lock is held (a writer may have replaced it in
+    between), and at the end (is it still what the outputs were made from)."""
     from distilbert_cli import rundir
 
     reads = []
@@ -311,4 +313,4 @@ def test_each_input_manifest_is_read_once(run_dir, monkeypatch):
     monkeypatch.setattr(rundir, "read_manifest", lambda stage_dir: reads.append(Path(stage_dir).name)
                         or real_read(stage_dir))
     train(run_dir, "train.max_steps=1")
-    assert reads.count("init-student") == 1 and reads.count("prepare-data") == 1
+    assert reads.count("init-student") == 3 and reads.count("prepare-data") == 3
