@@ -45,8 +45,8 @@ def setup_console_logging(level: int = logging.INFO) -> None:
     """Console logging for the package; other ranks only report warnings and errors."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(level if is_main_process() else logging.WARNING)
-    if not logger.handlers:
-        handler = _CurrentStderrHandler()
+    if not any(isinstance(handler, _CurrentStderrHandler) for handler in logger.handlers):  # a stage's file log
+        handler = _CurrentStderrHandler()                                                     # may be there already
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         logger.addHandler(handler)
     logger.propagate = False

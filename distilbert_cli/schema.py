@@ -494,6 +494,7 @@ class ExportSettings(Group):
     max_metric_drop: NonNegativeFloat
 
     _distinct_models = field_validator("models")(_distinct)
+    _model_names = field_validator("models")(_folder_names)
 
 
 class Export(Common):

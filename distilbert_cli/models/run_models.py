@@ -29,12 +29,6 @@ class ModelChoice:
     stage: str | None = None  # the stage of the run this model comes from (None for an outside model)
 
 
-def check_folder_name(choice: ModelChoice, setting: str) -> None:
-    """A display name that becomes a folder must be one plain path component (no `..`, no separators)."""
-    if choice.name in ("", ".", "..") or any(sep in choice.name for sep in ("/", "\\")) or choice.name.startswith("."):
-        raise UsageError(f"{setting}: {choice.name!r} cannot name a folder; give the model a plain name, as name:path")
-
-
 def run_student(run: Run) -> ModelChoice:
     """The run's student: <run_dir>/distill/final, or init-student's model for a student that distil train does not
     distill (a BiLSTM: task-distill distills it per task)."""

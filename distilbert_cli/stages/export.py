@@ -25,7 +25,7 @@ from distilbert_cli.deploy import onnx_models, parity
 from distilbert_cli.errors import UsageError
 from distilbert_cli.models.families import max_sequence_length
 from distilbert_cli.models.loading import count_parameters, load_config, load_model, load_tokenizer
-from distilbert_cli.models.run_models import ModelChoice, check_folder_name, resolve_models
+from distilbert_cli.models.run_models import ModelChoice, resolve_models
 from distilbert_cli.rundir import Run, write_json_atomic
 from distilbert_cli.schema import Export
 from distilbert_cli.tasks import get_task
@@ -46,7 +46,6 @@ class Plan:
 
 def plan(choice: ModelChoice, cfg: Export) -> Plan:
     """The export task (the head, or export.task), the task whose rows check it, and that they fit the model."""
-    check_folder_name(choice, "export.models")
     config = load_config(choice.source, cfg.trust_remote_code, role=f"model {choice.name}")
     head = parity.head_task(config)
     export_task = head if cfg.export.task == "auto" else cfg.export.task

@@ -287,7 +287,8 @@ def test_an_offline_upload_is_one_line_and_exit_2_and_nothing_says_pushed(finetu
 
 
 @pytest.mark.parametrize(("command", "overrides", "message"), [
-    ("export", ["export.models=[..:/tmp]"], "cannot name a folder"),
+    ("export", ["export.models=[..:/tmp]"],
+     "export.models=['..:/tmp']: entry '..:/tmp' is stored by the name '..', which cannot be a folder"),
     ("export", ["export.task=onnx"], "export.task='onnx': input should be"),
     ("publish", ["publish.dry_run=false"], "publish.dry_run=false uploads to publish.repo_id"),
     ("publish", [], "input stage export not found"),

@@ -5,6 +5,7 @@ the status view, and the submitit path (members as jobs of their own)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from builders import GLUE_DIR, write_corpus
 from typer.testing import CliRunner
 
 from distilbert_cli.cli import app
+from distilbert_cli.logs import LOGGER_NAME
 from distilbert_cli.rundir import read_manifest
 
 runner = CliRunner()
@@ -24,6 +26,8 @@ TABLE4 = "+experiment=triple_loss,no_ce,no_cos,no_mlm,random_init,does_not_exist
 
 
 def distil(*args: str):
+    """`distil ARGS` in this process, its log on this invocation's output (the console handler made anew)."""
+    logging.getLogger(LOGGER_NAME).handlers.clear()
     return runner.invoke(app, list(args))
 
 
@@ -78,7 +82,7 @@ def test_table4_sweep_runs_every_member_shares_prepare_data_and_ends_with_the_me
         assert not (member / "prepare-data").exists()  # not copied, not linked
         used = [i for i in read_manifest(member / "distill")["inputs"] if i.get("stage") == "prepare-data"]
         assert used == [{"stage": "prepare-data", "path": str(root / "prepare-data"),
-                         "fingerprint": prepared["fingerprint"]}]
+                         "fingerprint": prepared["fingerprint"], "run_dir": str(root)}]
         config = read_manifest(member / "distill")["config"]
         assert config["run_dir"] == str(member) and config["upstream_run_dir"] == str(root)
     assert not inodes(root / "sweep") & inodes(root / "prepare-data")  # no hard link either
