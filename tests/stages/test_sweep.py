@@ -78,7 +78,7 @@ def test_table4_sweep_runs_every_member_shares_prepare_data_and_ends_with_the_me
         assert not (member / "prepare-data").exists()  # not copied, not linked
         used = [i for i in read_manifest(member / "distill")["inputs"] if i.get("stage") == "prepare-data"]
         assert used == [{"stage": "prepare-data", "path": str(root / "prepare-data"),
-                         "fingerprint": prepared["fingerprint"]}]
+                         "fingerprint": prepared["fingerprint"], "run_dir": str(root)}]  # the upstream run's
         config = read_manifest(member / "distill")["config"]
         assert config["run_dir"] == str(member) and config["upstream_run_dir"] == str(root)
     assert not inodes(root / "sweep") & inodes(root / "prepare-data")  # no hard link either
