@@ -93,6 +93,14 @@ def test_table4_sweep_runs_every_member_shares_prepare_data_and_ends_with_the_me
     comparison = report["downstream_comparisons"]["+experiment=no_ce"]
     assert comparison["low"] <= comparison["difference"] <= comparison["high"]
     assert comparison["dev_examples"] == 32  # RTE dev, capped at 32
+    # the members share prepare-data, so their held-out MLM targets: compared with the reference target by target
+    paired = report["mlm_comparisons"]["+experiment=no_ce"]["uniform"]["mlm_loss"]
+    assert paired["low"] <= paired["mean"] <= paired["high"]
+    text = (root / "report" / "report.md").read_text()
+    assert "- +experiment=no_ce vs +experiment=triple_loss:\n  - validation MLM on uniform masks" in text
+    assert "Δ compares students fine-tuned at equal steps (no model selection" in text
+    assert "Δ compares students fine-tuned at equal steps (no model selection" in first.output  # printed by sweep
+    assert "## Fine-tuning budgets (one value per seed)" in text
 
 
 @pytest.mark.slow
