@@ -18,10 +18,11 @@ def seed_budget(metrics: dict, task: str, seed: int) -> dict:
     whole budget and kept the last step."""
     steps = metrics["steps"]
     intermediate, prediction = (steps["intermediate"], steps["prediction"]) if isinstance(steps, dict) else (0, steps)
-    budget = metrics.get("budget") or {"total_steps": prediction, "chosen_step": prediction, "stopped_early": False,
-                                       "validation_score": None}
+    budget = metrics.get("budget") or {"total_steps": prediction, "trained_steps": prediction,
+                                       "chosen_step": prediction, "stopped_early": False, "validation_score": None}
     return {"task": task, "seed": seed, "intermediate_steps": intermediate, "total_steps": budget["total_steps"],
-            "chosen_step": budget["chosen_step"], "stopped_early": budget["stopped_early"],
+            "trained_steps": budget["trained_steps"], "chosen_step": budget["chosen_step"],
+            "stopped_early": budget["stopped_early"],
             "selected": budget["validation_score"] is not None,
             "validation_examples": metrics.get("validation_examples", 0), "train_seconds": metrics.get("train_seconds")}
 
@@ -92,9 +93,13 @@ def protocol(arms: dict[str, dict | None]) -> str:
         else f"{name} at a fixed {_steps(steps[name])} (no model selection)" for name in arms)
 
 
+def stopped(seed: dict) -> str:
+    return f"yes, at {seed['trained_steps']}" if seed["stopped_early"] else "no"
+
+
 def budget_table(arms: dict[str, dict | None]) -> list[str]:
-    """One row per arm and task: its seeds, the steps given, the step chosen, whether it stopped early, its model
-    selection and its wall time (one value per seed, " / " between them)."""
+    """One row per arm and task: its seeds, the steps given, the step chosen, whether it stopped early (and at which
+    step), its model selection and its wall time (one value per seed, " / " between them)."""
     rows = []
     for name, found in arms.items():
         if found is None:
@@ -108,7 +113,7 @@ def budget_table(arms: dict[str, dict | None]) -> list[str]:
                                  for seed in seeds)
             rows.append(f"| {name} | {task} | {', '.join(str(seed['seed']) for seed in seeds)} | "
                         f"{steps_given(one_task)} | {' / '.join(str(seed['chosen_step']) for seed in seeds)} | "
-                        f"{' / '.join('yes' if seed['stopped_early'] else 'no' for seed in seeds)} | {selection} | "
+                        f"{' / '.join(stopped(seed) for seed in seeds)} | {selection} | "
                         f"{seconds} |")
     if not rows:
         return []

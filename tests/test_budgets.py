@@ -22,7 +22,7 @@ def test_an_arm_with_model_selection_states_each_seed_and_its_protocol(tmp_path)
     found = arm(run, artifacts.FINETUNE, "student")
     assert found["selection"] == {"validation_examples": [20], "eval_every": 10, "early_stopping": 3}
     assert budget_table({"labels alone": found})[2:] == [
-        "| labels alone | rte | 1, 2 | 100 | 40 / 100 | yes / no | 20 held-out training examples (eval every 10 "
+        "| labels alone | rte | 1, 2 | 100 | 40 / 100 | yes, at 70 / no | 20 held-out training examples (eval every 10 "
         "steps, early stopping after 3) | 12.3 / 30.0 |"]
     assert protocol({"a": found, "b": found}) == ("each arm at its own best budget, chosen on 20 held-out training "
                                                   "examples (eval every 10 steps, early stopping after 3)")

@@ -120,7 +120,7 @@ def test_the_report_states_each_arms_budget_and_protocol_next_to_the_verdict(tmp
     lines = distillation_lines(main, [base], verdict_lines, resamples=0)
     budgets = lines[lines.index("Each downstream arm's budget (one value per seed):"):]
     assert budgets[4:6] == [
-        f"| main: student fine-tuned | rte | 1 | 100 | 40 | yes | {selected} | 12.0 |",
+        f"| main: student fine-tuned | rte | 1 | 100 | 40 | yes, at 70 | {selected} | 12.0 |",
         f"| base: student fine-tuned | rte | 1 | 100 | 100 | no | {selected} | 30.0 |"]
     # task distillation: labels alone at its best budget, the task-distilled student at a fixed budget
     distilled = plant_trained_runs(tmp_path / "main", artifacts.TASK_DISTILL, [], {1: {
@@ -139,7 +139,7 @@ def test_the_report_states_each_arms_budget_and_protocol_next_to_the_verdict(tmp
             f"its own best budget, chosen on {selected}; task-distilled at a fixed 500 "
             "steps (no model selection)") in lines
     assert lines[-2:] == [
-        f"| main: labels alone | rte | 1 | 100 | 40 | yes | {selected} | 12.0 |",
+        f"| main: labels alone | rte | 1 | 100 | 40 | yes, at 70 | {selected} | 12.0 |",
         "| main: task-distilled | rte | 1 | 500 | 500 | no | none (the last step's model) | 50.0 |"]
 
 
