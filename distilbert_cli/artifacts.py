@@ -281,6 +281,17 @@ def read_json(path: Path):
         raise unreadable(path, exc) from exc
 
 
+def read_arrays(path: Path) -> dict:
+    """numpy arrays by name from a safetensors file (`rundir.save_arrays_atomic`'s)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise unreadable(path, exc) from exc
+
+
 def read_jsonl(path: Path, drop_torn_tail: bool = False) -> list[dict]:
     """One record per line. `drop_torn_tail`: a last line cut short by a killed writer (no newline, not JSON) is
     dropped with a warning instead of making the file unreadable."""

@@ -1,7 +1,8 @@
 """The report's content: what each run's stages say (objective, init, validation MLM, downstream scores, task
-distillation), the loss curves, the ablation table (the paper's Table 4 at this scale), the teacher's masked-token
-accuracy, the verdict of each comparison, with the paired bootstrap saying whether a downstream difference is
-beyond the noise of the dev set, and every model's accuracy beside its CPU latency."""
+distillation), the loss curves, the ablation table (the paper's Table 4 at this scale), the held-out MLM figures on
+uniform and smoothed masks with bootstrap intervals over the masked targets, the verdict of each comparison (on
+uniform masks first; paired bootstraps saying whether an MLM or a downstream difference is beyond the noise; the
+protocol each arm was trained under, and its budget), and every model's accuracy beside its CPU latency."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from distilbert_cli import artifacts  # noqa: E402
-from distilbert_cli.artifacts import read_json, read_jsonl  # noqa: E402
+from distilbert_cli.artifacts import read_arrays, read_json, read_jsonl  # noqa: E402
+from distilbert_cli.budgets import arm, budget_table, protocol  # noqa: E402
 from distilbert_cli.errors import UsageError  # noqa: E402
+from distilbert_cli.held_out import held_out_table, masks_note, mlm_checks, mlm_columns  # noqa: E402
 from distilbert_cli.models.run_models import run_student  # noqa: E402
 from distilbert_cli.rundir import MANIFEST, Run  # noqa: E402
 from distilbert_cli.tasks import get_tasks  # noqa: E402
-from distilbert_cli.tasks.results import finetuned_runs, paired_bootstrap, runs_score  # noqa: E402
+from distilbert_cli.tasks.results import finetuned_runs, noise_verdict, paired_bootstrap, runs_score  # noqa: E402
 from distilbert_cli.training.losses import LOSS_TERMS  # noqa: E402
 from distilbert_cli.training.task_losses import TASK_LOSS_TERMS  # noqa: E402
 
@@ -34,13 +37,12 @@ CHART_BACKEND = "eager"
 # The heading of a sweep report's member table (distil sweep prints the section that follows it).
 MEMBER_TABLE_HEADING = "## Sweep members"
 
-
 # What the report reads of each complete stage of a run (its own and each baseline's), as the glob of the files it
 # verifies: each such stage is held read-locked and verified while the report is written. Timings and logs
 # (metrics.jsonl, finetune's metrics.json) are read too but are no stage's fingerprinted output.
 STAGE_READS = {
     artifacts.INIT_STUDENT: MANIFEST,  # its manifest's facts only
-    artifacts.DISTILL: artifacts.DistillOutputs(Path()).validation.name,
+    artifacts.DISTILL: "validation*",  # validation.json, validation_targets.safetensors
     artifacts.FINETUNE: artifacts.FINETUNE_PREDICTIONS,
     artifacts.TASK_DISTILL: f"{artifacts.TASK_DISTILLED_MODEL}/*/{artifacts.PREDICTIONS_JSONL}",
     artifacts.EVALUATE: "*",
@@ -67,6 +69,9 @@ def run_summary(run_dir: Run) -> dict:
                                    if key.startswith("alpha_") and value}
         distilled = artifacts.DistillOutputs(distill_dir)
         summary["validation"] = read_json(distilled.validation)
+        # every held-out target's label, loss and prediction (a run from before the file existed has none)
+        summary["validation_targets"] = (read_arrays(distilled.validation_targets)
+                                         if distilled.validation_targets.is_file() else None)
         summary["metrics"] = read_jsonl(distilled.metrics)
     if eval_dir := run_dir.complete(artifacts.EVALUATE):
         results = read_json(eval_dir / artifacts.RESULTS_JSON)
@@ -74,6 +79,7 @@ def run_summary(run_dir: Run) -> dict:
         summary["downstream_tasks"] = {model: sorted(row["tasks"]) for model, row in results["models"].items()}
         summary["downstream_notes"] = results["notes"]
         summary["retention"] = results["retention"]
+    summary["finetune_arm"] = arm(run_dir, artifacts.FINETUNE, "student")  # the student on labels alone
     if td_dir := run_dir.complete(artifacts.TASK_DISTILL):
         manifest = run_dir.manifest(artifacts.TASK_DISTILL)
         config = manifest["config"]
@@ -82,7 +88,8 @@ def run_summary(run_dir: Run) -> dict:
         summary["task_distill"] = {
             "task": task, "scores": manifest["scores"], "transfer": manifest["transfer"]["stats"],
             "augment": config["augment"], "settings": config["task_distill"],
-            "training": read_json(first.metrics), "metrics": read_jsonl(first.loss_log)}
+            "training": read_json(first.metrics), "metrics": read_jsonl(first.loss_log),
+            "arm": arm(run_dir, artifacts.TASK_DISTILL, artifacts.TASK_DISTILLED_MODEL)}
     return summary
 
 
@@ -144,24 +151,22 @@ def init_label(run: dict) -> str:
 
 def ablation_table(main: dict, baselines: list[dict]) -> list[str]:
     """Table 4 at this scale: validation MLM and downstream score of each run, with deltas vs this run."""
-    lines = ["| run | objective (weights) | student | init | val MLM loss | val MLM acc | downstream score | "
-             "Δ downstream vs this run | published Δ GLUE (paper Table 4) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | objective (weights) | student | init | val MLM loss (uniform / smoothed) | "
+             "val MLM acc (uniform / smoothed) | downstream score | Δ downstream vs this run | "
+             "published Δ GLUE (paper Table 4) |", "|---|---|---|---|---|---|---|---|---|"]
     base_score = main.get("downstream", {}).get("student")
     for run in [main, *baselines]:
-        student = run.get("validation", {}).get("student", {})
         score = run.get("downstream", {}).get("student")
         delta = None if score is None or base_score is None or run is main else score - base_score
         weights = ", ".join(f"{k.removeprefix('alpha_')} {v:g}" for k, v in run.get("loss_weights", {}).items())
-        published = published_ablation(run)
-        lines.append(f"| {run['name']} | {weights or '–'} | {student_label(run)} | {init_label(run)} | "
-                     f"{fmt(student.get('mlm_loss'))} | {fmt(student.get('mlm_accuracy'))} | "
+        published, mlm = published_ablation(run), mlm_columns(run.get("validation", {}).get("student"))
+        lines.append(f"| {run['name']} | {weights or '–'} | {student_label(run)} | {init_label(run)} | {mlm} | "
                      f"{fmt(score, 1)} | {'–' if delta is None else f'{delta:+.1f}'} | "
                      f"{'–' if published is None else f'{published:+.2f} (published)'} |")
-    teacher = main.get("validation", {}).get("teacher") or {}
-    if teacher:
-        lines.append(f"| teacher | – | – | – | {fmt(teacher.get('mlm_loss'))} | {fmt(teacher.get('mlm_accuracy'))} | "
+    if teacher := main.get("validation", {}).get("teacher"):
+        lines.append(f"| teacher | – | – | – | {mlm_columns(teacher)} | "
                      f"{fmt(main.get('downstream', {}).get('teacher'), 1)} | – | – |")
-    if untrained := [run["name"] for run in [main, *baselines] if "loss_weights" in run and not _trains_head(run)]:
+    if untrained := [run["name"] for run in [main, *baselines] if "loss_weights" in run and not trains_head(run)]:
         lines += ["", f"Not trained by the objective (no term needs the student's logits), the MLM head of "
                       f"{', '.join(untrained)} is as initialised: those validation MLM figures do not measure the "
                       "encoder; compare those runs downstream."]
@@ -173,7 +178,7 @@ def published_ablation(run: dict) -> float | None:
     return PUBLISHED_ABLATIONS.get(run.get("experiment") or run["name"])
 
 
-def _trains_head(run: dict) -> bool:
+def trains_head(run: dict) -> bool:
     """Whether the run's objective trains the student's MLM head (some term needs the student's logits)."""
     names = [key.removeprefix("alpha_") for key in run.get("loss_weights", {})]
     return any("student_logits" in LOSS_TERMS[name].needs for name in names if name in LOSS_TERMS)
@@ -190,55 +195,46 @@ def downstream_comparison(main: dict, baseline: dict, resamples: int, seed: int)
     return paired_bootstrap(ours, theirs, resamples, seed)
 
 
-def verdict(main: dict, baselines: list[dict], comparisons: list[dict | None]) -> list[str]:
-    """Say in words whether the distilled student beats each baseline, with the figures and, for the downstream
-    score, whether the difference is beyond the noise of the dev set."""
+def downstream_protocol(ours: dict, theirs: dict) -> str:
+    """How the two runs' students were fine-tuned for a downstream comparison."""
+    return protocol({ours["name"]: ours.get("finetune_arm"), theirs["name"]: theirs.get("finetune_arm")})
+
+
+def comparison_lines(title: str, checks: list[str]) -> list[str]:
+    """A comparison's checks as a list item with one sub-item each (nothing without checks)."""
+    return [f"- {title}:", *(f"  - {check}" for check in checks)] if checks else []
+
+
+def verdict(main: dict, baselines: list[dict], comparisons: list[dict | None],
+            mlm_pairs: list[dict[str, dict | None]]) -> list[str]:
+    """Say in words whether the distilled student beats each baseline: held-out MLM on uniform masks first, then on
+    smoothed masks (each with its paired interval where the runs share targets), then the downstream score with
+    whether the difference is beyond the noise of the dev set and how both students were fine-tuned."""
     lines = []
-    for run, comparison in zip(baselines, comparisons, strict=True):
+    for run, comparison, paired in zip(baselines, comparisons, mlm_pairs, strict=True):
         checks = []
-        ours, theirs = main.get("validation", {}).get("student"), run.get("validation", {}).get("student")
-        if ours and theirs and _trains_head(main) and _trains_head(run):  # an untrained head's MLM says nothing
-            better = ours["mlm_loss"] < theirs["mlm_loss"]
-            checks.append(f"validation MLM loss {ours['mlm_loss']:.3f} vs {theirs['mlm_loss']:.3f} "
-                          f"({'better' if better else 'NOT better'})")
+        if trains_head(main) and trains_head(run):  # an untrained head's MLM says nothing
+            checks += mlm_checks(main, run, paired)
         ours, theirs = main.get("downstream", {}).get("student"), run.get("downstream", {}).get("student")
         if ours is not None and theirs is not None:
             noise = ""
             if comparison is not None:
-                within = comparison["low"] <= 0 <= comparison["high"]
                 noise = (f"; difference {comparison['difference']:+.1f}, 95% paired-bootstrap interval "
                          f"[{comparison['low']:+.1f}, {comparison['high']:+.1f}] over {comparison['dev_examples']} "
-                         f"dev examples: {'within noise' if within else 'beyond noise'}")
+                         f"dev examples: {noise_verdict(comparison)}")
             checks.append(f"downstream {ours:.1f} vs {theirs:.1f} ({'better' if ours > theirs else 'NOT better'}"
-                          f"{noise})")
-        if checks:
-            lines.append(f"- {main['name']} vs {run['name']}: " + "; ".join(checks))
+                          f"{noise}), fine-tuned {downstream_protocol(main, run)}")
+        lines += comparison_lines(f"{main['name']} vs {run['name']}", checks)
     if any(comparisons):
         lines += ["", "The intervals resample the dev examples only: the spread between fine-tuning seeds comes on "
                       "top (fine-tune with several `finetune.seeds`: the score is then the median over seeds)."]
     return lines
 
 
-def teacher_masked_tokens(main: dict) -> list[str]:
-    """The teacher's masked-token accuracy on the smoothed and the uniform validation masks, and what the gap means
-    for the pretraining comparison above."""
-    validation = main.get("validation", {})
-    teacher = validation.get("teacher")
-    if not teacher or "uniform" not in teacher:
-        return []
-    exponent = validation["smoothing_exponent"]
-    return [f"The teacher predicts {100 * teacher['uniform']['mlm_accuracy']:.1f}% of masked tokens drawn uniformly "
-            f"(loss {teacher['uniform']['mlm_loss']:.3f}) but {100 * teacher['mlm_accuracy']:.1f}% of masks drawn "
-            f"with frequency smoothing (probability ~ count^-{exponent:g}; loss {teacher['mlm_loss']:.3f}), the masks "
-            "of the validation columns above: they pick rare tokens, which a small model adapted briefly rarely "
-            "gets right. Read those columns as a ranking of the runs, not as how well the models know the "
-            "language, and a student's soft targets as coming from a teacher that is right on about "
-            f"{100 * teacher['uniform']['mlm_accuracy']:.0f}% of ordinary masked words.", ""]
-
-
 def task_distillation(runs: list[dict], resamples: int, seed: int) -> list[dict]:
-    """For each run with a task-distill stage and its student fine-tuned on labels alone (finetune): both scores and
-    the paired bootstrap of task-distilled minus labels alone on the same dev examples."""
+    """For each run with a task-distill stage and its student fine-tuned on labels alone (finetune): both scores,
+    the paired bootstrap of task-distilled minus labels alone on the same dev examples, and both arms' budgets and
+    the protocol they were trained under."""
     found = []
     for run in runs:
         td_dir, finetune_dir = run["run"].complete(artifacts.TASK_DISTILL), run["run"].complete(artifacts.FINETUNE)
@@ -249,20 +245,17 @@ def task_distillation(runs: list[dict], resamples: int, seed: int) -> list[dict]
         distilled = finetuned_runs(td_dir, tasks, models=[artifacts.TASK_DISTILLED_MODEL])
         if not labels or not distilled:
             continue
+        arms = {"labels alone": run["finetune_arm"], "task-distilled": run["task_distill"]["arm"]}
         found.append({"run": run, "labels": runs_score(labels), "distilled": runs_score(distilled),
                       "labels_training": read_json(artifacts.FinetuneRun(labels[0]["where"]).metrics),
-                      "comparison": paired_bootstrap(distilled, labels, resamples, seed) if resamples else None})
+                      "comparison": paired_bootstrap(distilled, labels, resamples, seed) if resamples else None,
+                      "arms": arms, "protocol": protocol(arms)})
     return found
 
 
-def _within(comparison: dict | None) -> str:
-    if comparison is None:
-        return "not tested"
-    return "within noise" if comparison["low"] <= 0 <= comparison["high"] else "beyond noise"
-
-
 def task_distillation_lines(found: list[dict]) -> list[str]:
-    """The table of labels alone vs task-distilled, per student, and the verdicts in words."""
+    """The table of labels alone vs task-distilled, per student, the verdicts in words with the protocol of each
+    comparison, and every arm's budget."""
     if not found:
         return []
     lines = ["| run | student | labels alone | task-distilled | Δ | 95% interval | verdict | training |",
@@ -275,30 +268,30 @@ def task_distillation_lines(found: list[dict]) -> list[str]:
         augment = td["augment"]
         copies = f", N={augment['copies']}" if "copies" in augment else ""
         weights = ", ".join(f"{name} {weight:g}" for name, weight in td["training"]["losses"].items())
-        steps = td["training"]["steps"]
-        intermediate = f"{steps['intermediate']} intermediate-layer + " if steps["intermediate"] else ""
-        labels = entry["labels_training"]
-        training = (f"labels: {labels['steps']} steps on {labels['train_examples']} examples; distilled: "
-                    f"{intermediate}{steps['prediction']} steps on {td['transfer']['rows']} rows "
-                    f"(augment={augment['method']}{copies}; {weights}, T {td['training']['temperature']:g})")
+        training = (f"labels: {entry['labels_training']['train_examples']} examples; distilled: "
+                    f"{td['transfer']['rows']} rows (augment={augment['method']}{copies}; {weights}, "
+                    f"T {td['training']['temperature']:g}); budgets below")
         lines.append(f"| {run['name']} | {student_label(run)} | {entry['labels']:.1f} | {entry['distilled']:.1f} | "
-                     f"{delta:+.1f} | {interval} | {_within(comparison)} | {training} |")
-        if comparison is not None:
-            verdicts.append(f"- {run['name']}: task-distilled {entry['distilled']:.1f} vs labels alone "
-                            f"{entry['labels']:.1f} ({'better' if delta > 0 else 'NOT better'}); difference "
-                            f"{delta:+.1f}, 95% paired-bootstrap interval {interval} over "
-                            f"{comparison['dev_examples']} dev examples: {_within(comparison)}")
+                     f"{delta:+.1f} | {interval} | {noise_verdict(comparison)} | {training} |")
+        noise = ("" if comparison is None else f"; difference {delta:+.1f}, 95% paired-bootstrap interval {interval} "
+                 f"over {comparison['dev_examples']} dev examples: {noise_verdict(comparison)}")
+        verdicts.append(f"- {run['name']}: task-distilled {entry['distilled']:.1f} vs labels alone "
+                        f"{entry['labels']:.1f} ({'better' if delta > 0 else 'NOT better'}){noise}; trained "
+                        f"{entry['protocol']}")
     groups = {"ahead, beyond the noise of the dev set": [], "behind, beyond the noise of the dev set": [],
               "within the noise (no effect shown either way)": []}
     for entry in found:
-        if (verdict := _within(entry["comparison"])) == "within noise":
+        if (verdict := noise_verdict(entry["comparison"])) == "within noise":
             groups["within the noise (no effect shown either way)"].append(entry["run"]["name"])
         elif verdict == "beyond noise":
             ahead = entry["distilled"] > entry["labels"]
             groups[f"{'ahead' if ahead else 'behind'}, beyond the noise of the dev set"].append(entry["run"]["name"])
     summary = [f"{words}: {', '.join(names)}" for words, names in groups.items() if names]
+    budgets = budget_table({f"{entry['run']['name']}: {name}": found_arm for entry in found
+                            for name, found_arm in entry["arms"].items()})
     return [*lines, "", *verdicts, *(["", "Task-distilled students against the same students on labels alone: "
-                                      + "; ".join(summary) + "."] if summary else [])]
+                                      + "; ".join(summary) + "."] if summary else []),
+            *(["", "Each arm's budget (one value per seed):", "", *budgets] if budgets else [])]
 
 
 def _architecture(source: str) -> dict | None:
@@ -428,7 +421,18 @@ def stage_markdown(run_dir: Run, stage: str, out_dir: Path) -> list[str]:
     return ["##" + line if line.startswith("#") else line for line in text.splitlines()] + ["", *charts]
 
 
-def render(main: dict, baselines: list[dict], verdict_lines: list[str], run_dir: Run, out_dir: Path,
+def distillation_lines(main: dict, baselines: list[dict], verdict_lines: list[str], resamples: int) -> list[str]:
+    """What follows the ablation table: every run's held-out MLM figures with their intervals and why uniform masks
+    come first, the verdicts, and the budget of each downstream arm (each run's student fine-tuned on labels)."""
+    runs = [main, *baselines]
+    budgets = budget_table({f"{run['name']}: student fine-tuned": run.get("finetune_arm") for run in runs})
+    held_out = held_out_table(runs, main, resamples)
+    return [*(["### Held-out masked-token prediction", "", *held_out] if held_out else []), *masks_note(main),
+            *(["### Verdicts", "", *verdict_lines, ""] if verdict_lines else []),
+            *(["Each downstream arm's budget (one value per seed):", "", *budgets, ""] if budgets else [])]
+
+
+def render(main: dict, baselines: list[dict], distillation: list[str], run_dir: Run, out_dir: Path,
            teacher_note: str | None, has_curves: bool, task_lines: list[str], speed_lines: list[str]) -> str:
     counts = main.get("param_counts", {})
     lines = [f"# DistilBERT report: {main['name']}", "",
@@ -440,7 +444,7 @@ def render(main: dict, baselines: list[dict], verdict_lines: list[str], run_dir:
                   f"({100 * counts['student'] / counts['teacher']:.0f}% of the teacher; the paper: 66M / 110M = 60%)",
                   ""]
     lines += ["## Distillation: validation MLM and downstream score (the paper's Table 4, at this scale)", "",
-              *ablation_table(main, baselines), "", *teacher_masked_tokens(main), *verdict_lines, ""]
+              *ablation_table(main, baselines), "", *distillation]
     if task_lines:
         lines += ["## Task-specific distillation: labels alone vs a fine-tuned teacher's outputs on augmented data",
                   "", *task_lines, ""]

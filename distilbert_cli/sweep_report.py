@@ -1,6 +1,8 @@
 """A report over a sweep (`distil report <run_dir>` where `distil sweep` ran): one row per member, each member's
-downstream score against a reference member's with a paired-bootstrap interval, the paper's Table 4 deltas beside
-the members that are its ablations, and the metric charted against each swept numeric value."""
+downstream score against a reference member's with a paired-bootstrap interval and the protocol the students were
+fine-tuned under, the paper's Table 4 deltas beside the members that are its ablations, the members' held-out MLM
+figures with their intervals and paired comparisons against the reference (uniform masks first), each member's
+fine-tuning budget, and the metric charted against each swept numeric value."""
 
 from __future__ import annotations
 
@@ -11,19 +13,25 @@ import matplotlib.pyplot as plt
 
 from distilbert_cli import artifacts
 from distilbert_cli.artifacts import read_json
+from distilbert_cli.budgets import budget_table
 from distilbert_cli.errors import UsageError
+from distilbert_cli.held_out import held_out_mlm, held_out_table, masks_note, mlm_checks, mlm_columns, paired_mlm
 from distilbert_cli.reporting import (
     MEMBER_TABLE_HEADING,
     PUBLISHED_ABLATIONS,
+    comparison_lines,
     downstream_comparison,
+    downstream_protocol,
     fmt,
     init_label,
     plot_losses,
     published_ablation,
     run_summary,
     student_label,
+    trains_head,
 )
 from distilbert_cli.rundir import Run
+from distilbert_cli.tasks.results import noise_verdict
 
 # The paper's Table 4 compares each ablation with the triple loss.
 TABLE4_REFERENCE = "triple_loss"
@@ -77,33 +85,56 @@ def member_table(members: list[dict], reference: dict, comparisons: dict[str, di
     lines = [MEMBER_TABLE_HEADING, "",
              f"Reference: {reference['name']}. Δ: a member's downstream score minus the reference's, with its 95% "
              "paired-bootstrap interval over the dev examples.", "",
-             "| member | state | objective (weights) | student | init | val MLM loss | val MLM acc | downstream | "
-             "Δ vs reference | 95% interval | verdict | published Δ GLUE (paper Table 4) |",
+             "| member | state | objective (weights) | student | init | val MLM loss (uniform / smoothed) | "
+             "val MLM acc (uniform / smoothed) | downstream | Δ vs reference | 95% interval | verdict | "
+             "published Δ GLUE (paper Table 4) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = reference.get("downstream", {}).get("student")
     table4 = any(published_ablation(m) is not None for m in members)
     for member in members:
-        student = member.get("validation", {}).get("student", {})
         score = member.get("downstream", {}).get("student")
         delta = None if score is None or base is None or member is reference else score - base
         comparison = comparisons.get(member["name"])
         interval = "–" if comparison is None else f"[{comparison['low']:+.1f}, {comparison['high']:+.1f}]"
-        verdict = "–" if comparison is None else (
-            "within noise" if comparison["low"] <= 0 <= comparison["high"] else "beyond noise")
+        verdict = "–" if comparison is None else noise_verdict(comparison)
         weights = ", ".join(f"{k.removeprefix('alpha_')} {v:g}" for k, v in member.get("loss_weights", {}).items())
-        published = published_ablation(member)
+        published, mlm = published_ablation(member), mlm_columns(member.get("validation", {}).get("student"))
         published_cell = (f"{published:+.2f}" if published is not None
                           else "0 (reference)" if table4 and member.get("experiment") == TABLE4_REFERENCE else "–")
         state = member["state"] + (f": {member['error']}" if member["state"] == "failed" and member["error"] else "")
         lines.append(f"| {member['name']} | {state} | {weights or '–'} | {student_label(member)} | "
-                     f"{init_label(member)} | {fmt(student.get('mlm_loss'))} | {fmt(student.get('mlm_accuracy'))} | "
-                     f"{fmt(score, 1)} | "
+                     f"{init_label(member)} | {mlm} | {fmt(score, 1)} | "
                      f"{'–' if delta is None else f'{delta:+.1f}'} | {interval} | {verdict} | {published_cell} |")
+    protocols = {member["name"]: downstream_protocol(member, reference) for member in members
+                 if comparisons.get(member["name"]) is not None}
+    if len(set(protocols.values())) == 1:
+        lines += ["", f"Δ compares students fine-tuned {next(iter(protocols.values()))}."]
+    elif protocols:
+        lines += ["", "Δ compares students fine-tuned:", *(f"- {name}: {words}" for name, words in protocols.items())]
     if table4:
         lines += ["", "The published deltas are GLUE macro-score changes after full general distillation (Sanh et al. "
                       f"2019, Table 4: {', '.join(f'{k} {v:+.2f}' for k, v in PUBLISHED_ABLATIONS.items())}); ours "
                       "are on this run's tasks and budget."]
     return lines
+
+
+def held_out_lines(members: list[dict], reference: dict, resamples: int, seed: int) -> tuple[list[str], dict]:
+    """The members' held-out MLM figures with their intervals, and each member whose objective trains the MLM head
+    compared target by target with the reference, uniform masks first; the paired comparisons, by member."""
+    for member in members:
+        member["held_out"] = held_out_mlm(member, resamples, seed)
+    compared = [m for m in members if m is not reference and trains_head(m) and trains_head(reference)]
+    pairs = {m["name"]: paired_mlm(m, reference, resamples, seed) for m in compared}
+    checks = [line for m in compared for line in comparison_lines(f"{m['name']} vs {reference['name']}",
+                                                                   mlm_checks(m, reference, pairs[m["name"]]))]
+    lines = [*held_out_table(members, reference, resamples), *masks_note(reference), *checks]
+    return (["## Held-out masked-token prediction", "", *lines, ""] if lines else []), pairs
+
+
+def budget_lines(members: list[dict]) -> list[str]:
+    """Each member's student fine-tuning budget: the steps given and chosen, early stops, wall time."""
+    table = budget_table({member["name"]: member.get("finetune_arm") for member in members})
+    return ["## Fine-tuning budgets (one value per seed)", "", *table, ""] if table else []
 
 
 def _number(value: str) -> float | None:
@@ -154,7 +185,7 @@ def plot_swept_values(members: list[dict], path: Path) -> list[str]:
 
 
 def render_sweep(root: Run, record: dict, members: list[dict], reference: dict, comparisons: dict,
-                 charted: list[str], has_curves: bool) -> str:
+                 sections: list[str], charted: list[str], has_curves: bool) -> str:
     failed = [m["name"] for m in members if m["state"] == "failed"]
     lines = [f"# Sweep report: {root.path.name}", "",
              f"Run directory `{root.path}`: {len(members)} member(s) in `{root.stage_dir(artifacts.SWEEP)}`, each "
@@ -166,6 +197,7 @@ def render_sweep(root: Run, record: dict, members: list[dict], reference: dict, 
     if any(comparisons.values()):
         lines += ["The intervals resample the dev examples only: the spread between fine-tuning seeds comes on top.",
                   ""]
+    lines += sections
     if charted:
         lines += ["## The metric against each swept value", "", "![metric vs swept values](sweep_values.png)", ""]
     if has_curves:
@@ -179,9 +211,14 @@ def write_sweep_report(root: Run, record: dict, out_dir: Path, reference_name: s
     members = member_summaries(root, record)
     reference = reference_member(members, reference_name)
     comparisons = compare(members, reference, resamples, seed)
+    held_out, pairs = held_out_lines(members, reference, resamples, seed)
     charted = plot_swept_values(members, out_dir / "sweep_values.png")
     has_curves = plot_losses(members, out_dir / "loss_curves.png")
-    (out_dir / "report.md").write_text(render_sweep(root, record, members, reference, comparisons, charted,
-                                                    has_curves))
+    (out_dir / "report.md").write_text(render_sweep(root, record, members, reference, comparisons,
+                                                    [*held_out, *budget_lines(members)], charted, has_curves))
     return {"reference": reference["name"], "members": [m["name"] for m in members],
-            "downstream_comparisons": comparisons, "charted": charted}
+            "downstream_comparisons": comparisons,
+            "downstream_protocols": {m["name"]: downstream_protocol(m, reference) for m in members
+                                     if m is not reference},
+            "held_out_mlm": {m["name"]: m["held_out"] for m in members}, "mlm_comparisons": pairs,
+            "charted": charted}

@@ -32,7 +32,9 @@ SCOPE = {
                                         ["distilbert_cli.tasks.base.xǁTaskǁscore__mutmut_*",
                                          "distilbert_cli.tasks.base.xǁTaskǁmetric_key__mutmut_*"]),
     "tasks/results.py paired_bootstrap": ("distilbert_cli/tasks/results.py",
-                                          ["distilbert_cli.tasks.results.x_paired_bootstrap__mutmut_*"]),
+                                          ["distilbert_cli.tasks.results.x_paired_bootstrap__mutmut_*",
+                                           "distilbert_cli.tasks.results.x_percentile_bootstrap__mutmut_*",
+                                           "distilbert_cli.tasks.results.x_bootstrap_mean__mutmut_*"]),
 }
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 # mutmut's exit codes (mutmut.stats): 1 and 3 a failing test, 0 every test passed, None not run yet

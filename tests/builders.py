@@ -1,5 +1,5 @@
-"""Tiny models, tokenizers, corpora and loss configs built in code (no hub access), and the committed task
-fixtures."""
+"""Tiny models, tokenizers, corpora, loss configs and planted stages built in code (no hub access), and the
+committed task fixtures."""
 
 from __future__ import annotations
 
@@ -240,6 +240,59 @@ def open_stage(cfg, stage: str, overrides=(), **kwargs):
     from distilbert_cli.rundir import Run
 
     return Run.of(cfg).open_stage(stage, cfg, overrides, **kwargs)
+
+
+def plant_trained_runs(run_dir: Path, stage: str, overrides: list[str], seeds: dict[int, dict], task: str = "rte"):
+    """A complete finetune or task-distill stage whose student on `task` has one given metrics.json per seed (what
+    the report reads of each arm's budget); returns the run."""
+    import json
+
+    from distilbert_cli import artifacts
+    from distilbert_cli.config import compose_config
+    from distilbert_cli.rundir import Run
+
+    command = {artifacts.FINETUNE: "finetune", artifacts.TASK_DISTILL: "task_distill"}[stage]
+    with open_stage(compose_config(command, [f"run_dir={run_dir}", *overrides]), stage) as opened:
+        for seed, metrics in seeds.items():
+            out = artifacts.FinetuneRun.of(opened.path, "student", task, seed)
+            out.path.mkdir(parents=True)
+            out.metrics.write_text(json.dumps(metrics))
+    return Run(run_dir)
+
+
+def selected_metrics(total: int, chosen: int, stopped: bool, seconds: float, held_out: int = 20) -> dict:
+    """finetune's metrics.json of a run with model selection on `held_out` examples."""
+    return {"steps": chosen if stopped else total, "train_seconds": seconds, "validation_examples": held_out,
+            "budget": {"total_steps": total, "trained_steps": chosen + 30 if stopped else total,
+                       "chosen_step": chosen, "stopped_early": stopped, "validation_score": 0.75}}
+
+
+HELD_OUT_LABELS = np.array([5, 6, 7, 8])
+HELD_OUT_TEACHER = {"losses": np.array([1.0, 1.0, 3.0, 3.0], np.float32), "predictions": np.array([5, 6, 0, 0])}
+
+
+def planted_validation(name: str, losses: list[float], predictions: list[int], labels=HELD_OUT_LABELS,
+                       targets: bool = True) -> dict:
+    """A `run_summary`-shaped run with distil train's validation figures and (`targets`) per-target arrays: four
+    held-out targets per set of masks, the teacher right on the first two of the uniform ones. The smoothed masks
+    are harder: 2 more loss on each target, and no prediction right, the student's nor the teacher's."""
+    arrays, validation = {}, {"smoothing_exponent": 0.7, "student": {}, "teacher": {}}
+    for kind, (more_loss, shift) in {"uniform": (0, 0), "smoothed": (2, 100)}.items():  # shifted: never the label
+        student_losses = np.asarray(losses, np.float32) + more_loss
+        student_predictions = np.asarray(predictions) + shift
+        teacher_losses = HELD_OUT_TEACHER["losses"] + more_loss
+        teacher_predictions = HELD_OUT_TEACHER["predictions"] + shift
+        arrays |= {f"{kind}_labels": labels, f"student_{kind}_losses": student_losses,
+                   f"student_{kind}_predictions": student_predictions, f"teacher_{kind}_losses": teacher_losses,
+                   f"teacher_{kind}_predictions": teacher_predictions}
+        figures = {"student": {"mlm_loss": float(student_losses.mean()),
+                               "mlm_accuracy": float(np.mean(student_predictions == labels)),
+                               "teacher_agreement": float(np.mean(student_predictions == teacher_predictions))},
+                   "teacher": {"mlm_loss": float(teacher_losses.mean()),
+                               "mlm_accuracy": float(np.mean(teacher_predictions == labels))}}
+        for model, found in figures.items():
+            (validation[model] if kind == "smoothed" else validation[model].setdefault("uniform", {})).update(found)
+    return {"name": name, "validation": validation, "validation_targets": arrays if targets else None}
 
 
 def inject_non_finite_losses(monkeypatch, steps=None) -> None:

@@ -92,7 +92,17 @@ def test_report_compares_the_run_with_its_baseline(demo_like_runs):
     assert f"{validation['student']['mlm_loss']:.3f}" in baseline_row and "random (published" not in baseline_row
     assert "-3.69 (published)" in baseline_row  # the paper's Table 4 figure for random init
     assert "| teacher |" in report and "a tiny random BERT" in report
-    assert "triple_loss vs random_init: validation MLM loss" in report
+    assert "- triple_loss vs random_init:\n  - validation MLM on uniform masks (BERT's objective): loss" in report
+    # held-out MLM with intervals over the targets: both runs prepared the same data, so scored the same targets
+    uniform_row = next(line for line in report.splitlines() if line.startswith("| random_init | uniform |"))
+    assert f"| {validation['student']['uniform']['mlm_loss']:.3f} [" in uniform_row
+    assert "paired over" in report and "Runs are compared on uniform masks first" in report
+    # each downstream arm's budget, as its metrics.json says, and the protocol in the verdict
+    metrics = json.loads((baseline / "finetune" / "student" / "rte" / "seed-56" / "metrics.json").read_text())
+    assert (f"| random_init: student fine-tuned | rte | 56 | {metrics['budget']['total_steps']} | "
+            f"{metrics['budget']['chosen_step']} | no | none (the last step's model) | "
+            f"{metrics['train_seconds']:.1f} |") in report
+    assert "fine-tuned at equal steps (no model selection" in report
     assert "95% paired-bootstrap interval" in report and "over 32 dev examples" in report  # RTE dev, capped at 32
     comparison, _ = read_manifest(main / "report")["downstream_comparisons"]  # vs random_init, vs bilstm
     assert comparison["resamples"] == 300 and comparison["low"] <= comparison["difference"] <= comparison["high"]
@@ -120,6 +130,9 @@ def test_report_compares_task_distillation_with_labels_alone_and_places_every_mo
     assert "- triple_loss: task-distilled" in report
     assert "Task-distilled students against the same students on labels alone: " in report
     assert "augment=tang, N=1; mse 1, T 1" in report
+    assert [entry["protocol"] for entry in manifest["task_distillation"]] == [
+        "at equal steps (no model selection: 2 steps each)"] * 2  # 64 rows in batches of 32; max_steps=2
+    assert "| bilstm: task-distilled | rte | 56 | 2 | 2 | no | none (the last step's model) |" in report
     names = {point["name"]: point for point in manifest["accuracy_latency"]}
     assert set(names) == {"teacher", "triple_loss (labels)", "triple_loss (task-distilled)", "random_init (labels)",
                           "bilstm (labels)", "bilstm (task-distilled)"}
@@ -128,7 +141,7 @@ def test_report_compares_task_distillation_with_labels_alone_and_places_every_mo
     assert names["bilstm (labels)"]["timed_as"] == "bilstm-rte"
     assert "![accuracy vs latency](accuracy_latency.png)" in report and "| yes |" in report
     assert (main / "report" / "accuracy_latency.png").stat().st_size > 0
-    assert "The teacher predicts" in report and "of masked tokens drawn uniformly" in report
+    assert "the teacher predicts" in report and "of masked tokens drawn uniformly" in report
 
 
 def test_report_refuses_a_run_without_a_distill_stage(tmp_path):

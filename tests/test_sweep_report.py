@@ -1,12 +1,16 @@
 """The report over a sweep, on members made by hand: which member is the reference, the member table's differences,
-intervals, verdicts and published Table 4 deltas, and which swept values are charted."""
+intervals, verdicts, protocol and published Table 4 deltas, the held-out MLM comparisons against the reference, the
+members' fine-tuning budgets, and which swept values are charted."""
 
 from __future__ import annotations
 
 import pytest
+from builders import plant_trained_runs, planted_validation, selected_metrics
 
+from distilbert_cli import artifacts
+from distilbert_cli.budgets import arm
 from distilbert_cli.errors import UsageError
-from distilbert_cli.sweep_report import member_table, plot_swept_values, reference_member
+from distilbert_cli.sweep_report import budget_lines, held_out_lines, member_table, plot_swept_values, reference_member
 
 
 def member(name: str, swept: dict, score: float | None = None, mlm: float | None = None, state: str = "complete",
@@ -65,3 +69,38 @@ def test_the_chart_plots_the_metric_against_each_numeric_swept_key(tmp_path):
     assert (tmp_path / "chart.png").stat().st_size > 0
     same = [member("lr=1", {"lr": "1"}, mlm=2.0)]
     assert plot_swept_values(same, tmp_path / "none.png") == [] and not (tmp_path / "none.png").exists()
+
+
+def test_the_member_table_says_how_the_students_were_fine_tuned(tmp_path):
+    members = table4()
+    for i, found in enumerate(members):
+        run = plant_trained_runs(tmp_path / str(i), artifacts.FINETUNE, ["finetune.eval_every=5"],
+                                 {1: selected_metrics(60, 10 * (i + 1), False, 3.0 + i)})
+        found["finetune_arm"] = arm(run, artifacts.FINETUNE, "student")
+    comparisons = {"+experiment=no_ce": {"difference": -3.5, "low": -5.0, "high": -1.0}}
+    lines = member_table(members, members[0], comparisons)
+    assert ("Δ compares students fine-tuned each arm at its own best budget, chosen on 20 held-out training examples "
+            "(eval every 5 steps, no early stopping).") in lines
+    budgets = budget_lines(members)
+    assert budgets[0] == "## Fine-tuning budgets (one value per seed)"
+    assert "| +experiment=no_ce | rte | 1 | 60 | 20 | no | 20 held-out training examples (eval every 5 steps, no " \
+           "early stopping) | 4.0 |" in budgets
+
+
+def test_members_are_compared_with_the_reference_on_the_same_held_out_targets_uniform_masks_first():
+    triple = {**planted_validation("+experiment=triple_loss", [1.0, 1.5, 2.0, 2.5], [5, 6, 7, 8]),
+              "loss_weights": {"alpha_ce": 5.0, "alpha_mlm": 2.0, "alpha_cos": 1.0}}
+    mlm_only = {**planted_validation("+experiment=mlm_only", [2.0, 2.5, 3.0, 3.5], [5, 6, 7, 8]),
+                "loss_weights": {"alpha_mlm": 1.0}}
+    tinybert = {**planted_validation("+experiment=tinybert", [9.0] * 4, [0] * 4), "loss_weights": {"alpha_hidden": 1.0}}
+    lines, pairs = held_out_lines([triple, mlm_only, tinybert], triple, resamples=2000, seed=0)
+    assert set(pairs) == {"+experiment=mlm_only"}  # tinybert's untrained head says nothing
+    start = lines.index("- +experiment=mlm_only vs +experiment=triple_loss:")
+    # every target's loss is 1 higher: a constant paired difference, its interval that constant
+    assert lines[start + 1] == (
+        "  - validation MLM on uniform masks (BERT's objective): loss 2.750 vs 1.750 (NOT better), accuracy 100.0% "
+        "vs 100.0% (NOT better); paired over 4 targets: loss +1.000 [+1.000, +1.000] (beyond noise), accuracy +0.0 "
+        "points [+0.0, +0.0] (within noise)")
+    assert lines[start + 2].startswith("  - validation MLM on smoothed masks (rare tokens): loss 4.750 vs 3.750")
+    assert "| +experiment=tinybert | uniform | 4 | 9.000 [9.000, 9.000] | 0.0% [0.0, 0.0] | 50.0% [0.0, 100.0] |" \
+        in lines

@@ -6,14 +6,19 @@
 
 Reads the complete stages of `run_dir` (init-student, distill, finetune, task-distill, evaluate, bench-cpu; each
 one that is missing is left out of the report and said so) and of each baseline run, and writes
-`<run_dir>/report/report.md` with the PNG charts it embeds (loss curves, accuracy vs CPU latency). Whether the
-student's downstream score beats a baseline's, and whether a task-distilled student beats the same student
-fine-tuned on labels alone, is judged with a paired bootstrap over the dev examples of the saved predictions.
+`<run_dir>/report/report.md` with the PNG charts it embeds (loss curves, accuracy vs CPU latency). Each run's
+held-out MLM loss, accuracy and agreement with the teacher, on uniform masks (BERT's objective, compared first) and
+on frequency-smoothed ones, come with 95% bootstrap intervals over the masked targets, and two runs scored on the
+same targets are compared target by target. Whether the student's downstream score beats a baseline's, and whether
+a task-distilled student beats the same student fine-tuned on labels alone, is judged with a paired bootstrap over
+the dev examples of the saved predictions; each verdict says how the arms were trained (each at its own best
+budget chosen on held-out training examples, or at equal steps) and the report states each arm's budget.
 
 Over a sweep's run directory (`<run_dir>/sweep/sweep.json`), the report is the members' table instead: each
 member's objective, validation MLM and downstream score against `report.reference` with its paired-bootstrap
-interval, the paper's Table 4 deltas beside its ablations, the metric charted against each swept numeric value,
-and the members' loss curves.
+interval and the protocol of the fine-tuning, the paper's Table 4 deltas beside its ablations, the members' held-out
+MLM with intervals (each compared with the reference on the same targets), their fine-tuning budgets, the metric
+charted against each swept numeric value, and the members' loss curves.
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ from pathlib import Path
 
 from distilbert_cli import artifacts
 from distilbert_cli.errors import UsageError
+from distilbert_cli.held_out import held_out_mlm, paired_mlm
 from distilbert_cli.reporting import (
     STAGE_READS,
     accuracy_latency,
     accuracy_latency_lines,
+    distillation_lines,
     downstream_comparison,
+    downstream_protocol,
     plot_accuracy_latency,
     plot_losses,
     render,
@@ -79,22 +87,29 @@ def run(cfg: Report, overrides: Sequence[str] = ()) -> Path:
         baselines = [run_summary(each) for each in baseline_dirs]
         has_curves = plot_losses([main, *baselines], stage.path / "loss_curves.png")
         resamples = cfg.report.bootstrap_resamples
+        for each in [main, *baselines]:
+            each["held_out"] = held_out_mlm(each, resamples, cfg.seed)
+        mlm_pairs = [paired_mlm(main, baseline, resamples, cfg.seed) for baseline in baselines]
         comparisons = [downstream_comparison(main, baseline, resamples, cfg.seed) if resamples else None
                        for baseline in baselines]
-        verdict_lines = verdict(main, baselines, comparisons)
+        verdict_lines = verdict(main, baselines, comparisons, mlm_pairs)
         task_distilled = task_distillation([main, *baselines], resamples, cfg.seed)
         points = accuracy_latency(main, [main, *baselines], task_distilled)
         if points:
             plot_accuracy_latency(points, stage.path / "accuracy_latency.png")
         report = stage.path / "report.md"
-        text = render(main, baselines, verdict_lines, run_dir, stage.path, cfg.report.teacher_note, has_curves,
-                      task_distillation_lines(task_distilled), accuracy_latency_lines(points))
+        text = render(main, baselines, distillation_lines(main, baselines, verdict_lines, resamples), run_dir,
+                      stage.path, cfg.report.teacher_note, has_curves, task_distillation_lines(task_distilled),
+                      accuracy_latency_lines(points))
         check_sections(stage, main, text)
         report.write_text(text)
         stage.update(baselines=[str(each.path) for each in baseline_dirs], verdict=verdict_lines,
-                     downstream_comparisons=comparisons, accuracy_latency=points,
+                     held_out_mlm=[{"run": each["name"], **each["held_out"]} for each in [main, *baselines]],
+                     mlm_comparisons=mlm_pairs, downstream_comparisons=comparisons,
+                     downstream_protocols=[downstream_protocol(main, baseline) for baseline in baselines],
+                     accuracy_latency=points,
                      task_distillation=[{"run": entry["run"]["name"], "labels": entry["labels"],
-                                         "distilled": entry["distilled"], "comparison": entry["comparison"]}
-                                        for entry in task_distilled])
+                                         "distilled": entry["distilled"], "comparison": entry["comparison"],
+                                         "protocol": entry["protocol"]} for entry in task_distilled])
         log.info("report written: %s", report)
     return report

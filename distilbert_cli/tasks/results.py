@@ -1,12 +1,13 @@
 """Scores of fine-tuned runs: per-seed metrics from the dev predictions finetune saved, medians over seeds, the
-student's retention of the teacher's score, a paired bootstrap of two models' difference, and the results tables
+student's retention of the teacher's score, the percentile bootstrap (of two models' score difference on the same dev
+examples; of the mean of per-item values, such as held-out MLM targets), and the results tables
 (the tasks of one published table together: GLUE's Table 1, IMDb and SQuAD's Table 2, your own data) beside
 the published rows."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,36 @@ def runs_score(runs: list[dict], draws: dict | None = None) -> float:
     return summarize(records)[""]["score"]
 
 
+def percentile_bootstrap(statistic: Callable[[dict | None], float], sizes: dict, resamples: int, seed: int,
+                         description: str | None = None) -> dict | None:
+    """The statistic on all items (`statistic(None)`) and its 95% percentile interval: `resamples` times, the items
+    of each group (`sizes`: group -> item count) are drawn with replacement, one array of indices per group, and
+    `statistic(draws)` is recomputed. None when the observed value, or every resample, is not finite. With a
+    `description`, a progress bar (for a slow statistic)."""
+    rng = np.random.default_rng(seed)
+    observed = statistic(None)
+    found = np.asarray([statistic({key: rng.integers(0, size, size) for key, size in sizes.items()})
+                        for _ in tqdm(range(resamples), desc=description, leave=False,
+                                     disable=description is None)], dtype=np.float64)
+    found = found[np.isfinite(found)]
+    if not found.size or not np.isfinite(observed):
+        return None
+    low, high = np.percentile(found, [2.5, 97.5])
+    return {"observed": float(observed), "low": float(low), "high": float(high), "resamples": int(found.size)}
+
+
+def bootstrap_mean(values: np.ndarray, resamples: int, seed: int) -> dict | None:
+    """The mean of per-item values (per-target losses, 0/1 hits; for a paired comparison, one run's value minus
+    the other's on the same items) and its 95% percentile-bootstrap interval over the items; None without items."""
+    values = np.asarray(values, dtype=np.float64)
+    if not values.size:
+        return None
+    found = percentile_bootstrap(lambda draws: float(np.mean(values if draws is None else values[draws["items"]])),
+                                 {"items": values.size}, resamples, seed)
+    return None if found is None else {"mean": found["observed"], "low": found["low"], "high": found["high"],
+                                       "resamples": found["resamples"], "items": int(values.size)}
+
+
 def paired_bootstrap(ours: list[dict], theirs: list[dict], resamples: int, seed: int) -> dict | None:
     """How sure is score(ours) - score(theirs)? Both lists are `finetuned_runs` of one model each, scored as the
     table scores them (`runs_score`). The dev examples are resampled with replacement, the same draws for both
@@ -156,21 +187,22 @@ def paired_bootstrap(ours: list[dict], theirs: list[dict], resamples: int, seed:
         for split, (_, labels) in run["by_split"].items():
             if not np.array_equal(gold.setdefault((run["task"].name, split), labels), labels):
                 return None
-    rng = np.random.default_rng(seed)
-    differences = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant predictions make Pearson undefined: such resamples are dropped
-        observed = runs_score(ours) - runs_score(theirs)
-        for _ in tqdm(range(resamples), desc="paired bootstrap", leave=False):
-            draws = {key: rng.integers(0, len(values), len(values)) for key, values in gold.items()}
-            differences.append(runs_score(ours, draws) - runs_score(theirs, draws))
-    differences = np.asarray(differences)
-    differences = differences[np.isfinite(differences)]
-    if not differences.size or not np.isfinite(observed):
+        found = percentile_bootstrap(lambda draws: runs_score(ours, draws) - runs_score(theirs, draws),
+                                     {key: len(values) for key, values in gold.items()}, resamples, seed,
+                                     "paired bootstrap")
+    if found is None:
         return None
-    low, high = np.percentile(differences, [2.5, 97.5])
-    return {"difference": float(observed), "low": float(low), "high": float(high), "resamples": int(differences.size),
-            "dev_examples": int(sum(len(values) for values in gold.values()))}
+    return {"difference": found["observed"], "low": found["low"], "high": found["high"],
+            "resamples": found["resamples"], "dev_examples": int(sum(len(values) for values in gold.values()))}
+
+
+def noise_verdict(comparison: dict | None) -> str:
+    """Whether a 95% interval of a difference holds 0 ("within noise") or not ("beyond noise")."""
+    if comparison is None:
+        return "not tested"
+    return "within noise" if comparison["low"] <= 0 <= comparison["high"] else "beyond noise"
 
 
 def _cell(values: Sequence[float] | None, published: bool = False) -> str:

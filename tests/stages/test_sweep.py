@@ -82,7 +82,7 @@ def test_table4_sweep_runs_every_member_shares_prepare_data_and_ends_with_the_me
         assert not (member / "prepare-data").exists()  # not copied, not linked
         used = [i for i in read_manifest(member / "distill")["inputs"] if i.get("stage") == "prepare-data"]
         assert used == [{"stage": "prepare-data", "path": str(root / "prepare-data"),
-                         "fingerprint": prepared["fingerprint"], "run_dir": str(root)}]
+                         "fingerprint": prepared["fingerprint"], "run_dir": str(root)}]  # the upstream run's
         config = read_manifest(member / "distill")["config"]
         assert config["run_dir"] == str(member) and config["upstream_run_dir"] == str(root)
     assert not inodes(root / "sweep") & inodes(root / "prepare-data")  # no hard link either
@@ -97,6 +97,14 @@ def test_table4_sweep_runs_every_member_shares_prepare_data_and_ends_with_the_me
     comparison = report["downstream_comparisons"]["+experiment=no_ce"]
     assert comparison["low"] <= comparison["difference"] <= comparison["high"]
     assert comparison["dev_examples"] == 32  # RTE dev, capped at 32
+    # the members share prepare-data, so their held-out MLM targets: compared with the reference target by target
+    paired = report["mlm_comparisons"]["+experiment=no_ce"]["uniform"]["mlm_loss"]
+    assert paired["low"] <= paired["mean"] <= paired["high"]
+    text = (root / "report" / "report.md").read_text()
+    assert "- +experiment=no_ce vs +experiment=triple_loss:\n  - validation MLM on uniform masks" in text
+    assert "Δ compares students fine-tuned at equal steps (no model selection" in text
+    assert "Δ compares students fine-tuned at equal steps (no model selection" in first.output  # printed by sweep
+    assert "## Fine-tuning budgets (one value per seed)" in text
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Scores of fine-tuned runs: medians over seeds, retention, and the paired bootstrap, against hand values."""
+"""Scores of fine-tuned runs: medians over seeds, retention, the paired bootstrap and the bootstrap of a mean,
+against hand values."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from distilbert_cli.tasks import get_task
-from distilbert_cli.tasks.results import paired_bootstrap, retention, summarize
+from distilbert_cli.tasks.results import bootstrap_mean, noise_verdict, paired_bootstrap, retention, summarize
 
 
 def test_median_over_seeds_task_scores_and_retention():
@@ -139,3 +140,20 @@ def test_pairing_cancels_the_noise_the_two_models_share():
                               resamples=300, seed=0)
     assert result["difference"] == pytest.approx(6.0)
     assert 2.0 <= result["low"] <= 4.0 and 8.5 <= result["high"] <= 10.5, result
+
+
+def test_bootstrap_mean_of_a_constant_is_that_constant_and_of_one_hit_in_four_is_hand_computed():
+    assert bootstrap_mean(np.full(4, -0.5), resamples=50, seed=0) == {
+        "mean": -0.5, "low": -0.5, "high": -0.5, "resamples": 50, "items": 4}
+    # One hit in four: k hits in a resample of 4 is Binomial(4, 1/4). P(k = 0) = 0.32 covers the 2.5th percentile;
+    # P(k >= 3) = 0.051 > 2.5% > P(k = 4) = 0.004 puts the 97.5th at 3/4.
+    found = bootstrap_mean(np.array([True, False, False, False]), resamples=2000, seed=0)
+    assert (found["mean"], found["low"], found["high"]) == (0.25, 0.0, 0.75)
+    assert bootstrap_mean(np.array([]), 10, 0) is None
+
+
+@pytest.mark.parametrize(("low", "high", "words"), [(-1.0, 2.0, "within noise"), (0.0, 0.0, "within noise"),
+                                                    (0.5, 2.0, "beyond noise"), (-2.0, -0.5, "beyond noise")])
+def test_an_interval_holding_zero_is_within_the_noise(low, high, words):
+    assert noise_verdict({"low": low, "high": high}) == words
+    assert noise_verdict(None) == "not tested"
