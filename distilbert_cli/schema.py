@@ -322,6 +322,7 @@ class TaskTraining(Group):
     seeds: Annotated[list[Seed], Field(min_length=1)]
     batch_size: PositiveInt  # global
     micro_batch_size: PositiveInt | None  # per process and forward pass; null: batch_size / processes
+    group_window: PositiveInt  # micro batches sorted by length together; 1: no length grouping
     learning_rate: PositiveFloat
     weight_decay: NonNegativeFloat
     warmup_ratio: Fraction

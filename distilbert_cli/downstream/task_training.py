@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # A task training section's settings that change what a run computes: a resume must find them unchanged.
-MATHS_KEYS = ("batch_size", "micro_batch_size", "learning_rate", "weight_decay", "warmup_ratio", "max_grad_norm",
-              "max_train_samples", "mixed_precision", "validation_split", "eval_every", "early_stopping")
+MATHS_KEYS = ("batch_size", "micro_batch_size", "group_window", "learning_rate", "weight_decay", "warmup_ratio",
+              "max_grad_norm", "max_train_samples", "mixed_precision", "validation_split", "eval_every",
+              "early_stopping")
 
 
 def micro_batch_size(section: TaskTraining, world_size: int) -> int:
@@ -105,8 +106,8 @@ def train_task_model(model: nn.Module, features, collator, make_loss: Callable[[
     optimizer, scheduler = optimizer_and_schedule([p for p in model.parameters() if p.requires_grad], section, steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     lengths = np.fromiter((len(ids) for ids in features["input_ids"]), dtype=np.int64, count=len(features))
-    batches = StepBatches(lengths, layout, PaddedRows(features, collator), seed, 1, accelerator.process_index,
-                          state.step, steps)
+    batches = StepBatches(lengths, layout, PaddedRows(features, collator), seed, section.group_window,
+                          accelerator.process_index, state.step, steps)
     validation = make_validation(model) if make_validation is not None else None
     job = TrainingJob(model, optimizer, scheduler, batches, make_loss(model), resume_state, checkpoints, metrics,
                       description, phases=[Phase(phase, steps, lambda step: None)] if phase is not None else [],

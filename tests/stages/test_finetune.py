@@ -605,3 +605,47 @@ def test_selection_on_the_held_out_split_never_reads_the_dev_set(tmp_path, tiny_
                for name in ("real", "flipped")]
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
     assert real["score"] == pytest.approx(100 - flip["score"])  # binary labels: every dev answer flips
+
+
+def test_length_grouping_pads_less_and_a_resume_must_keep_it(tmp_path, tiny_models, monkeypatch):
+    """finetune.group_window sorts windows of micro batches by length: the same examples, fewer padded tokens than
+    plain random batches. It changes what a run computes, so resuming with another window is refused."""
+    from distilbert_cli.training import engine
+
+    padded = {}
+    real_train_step = engine.train_step
+    sst2 = [*ENGINE_RUN, "task.names=[sst2]", "finetune.max_train_samples=64", "task.max_seq_length=64"]
+    for window in (1, 4):
+        shapes = padded[window] = []
+
+        def train_step(job, *args, _shapes=shapes, **kwargs):
+            real_loss = job.loss
+            job.loss = lambda batch: (_shapes.append(tuple(batch["input_ids"].shape)), real_loss(batch))[1]
+            try:
+                return real_train_step(job, *args, **kwargs)
+            finally:
+                job.loss = real_loss
+
+        monkeypatch.setattr(engine, "train_step", train_step)
+        run_dir = tmp_path / f"window-{window}"
+        _fake_upstream_stages(run_dir, tiny_models)
+        finetune.run(compose_config("finetune", [f"run_dir={run_dir}", *sst2, f"finetune.group_window={window}"]))
+    assert sum(rows for rows, _ in padded[1]) == sum(rows for rows, _ in padded[4]) == 64
+    assert sum(rows * length for rows, length in padded[4]) < sum(rows * length for rows, length in padded[1])
+
+    monkeypatch.setattr(engine, "train_step", real_train_step)
+    run_dir = tmp_path / "resumed"
+    _fake_upstream_stages(run_dir, tiny_models)
+    checkpoint = finetune_run_dir(run_dir, task="sst2") / "checkpoints"
+
+    def stop_after_a_checkpoint(job, *args, **kwargs):
+        real_train_step(job, *args, **kwargs)
+        if checkpoint.is_dir() and any(checkpoint.iterdir()):
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "train_step", stop_after_a_checkpoint)
+        with pytest.raises(KeyboardInterrupt):
+            finetune.run(compose_config("finetune", [f"run_dir={run_dir}", *sst2, "finetune.group_window=4"]))
+    code, output = _invoke("finetune", f"run_dir={run_dir}", *sst2, "finetune.group_window=1", "finetune.resume=auto")
+    assert code == 2 and "group_window" in output, output
