@@ -48,10 +48,7 @@ def finetune_one(ft: FinetuneSettings, settings: TaskSettings, logger, task: Tas
     train = task.encode(data.splits["train"], tokenizer, settings, with_types, training=True)
     dev = encode_splits(task, data, scored_splits(data), tokenizer, settings, with_types)
     eval_batch = ft.batch_size // accelerator.num_processes
-    validation = None
-    if VALIDATION in data.splits:
-        (held_out,) = encode_splits(task, data, [VALIDATION], tokenizer, settings, with_types).values()
-        validation = held_out_validation(task, tokenizer, held_out, settings, eval_batch, accelerator)
+    validation = held_out_validation(task, data, tokenizer, settings, with_types, eval_batch, accelerator)
     if soft_teacher is not None:
         soft_teacher = accelerator.prepare_model(soft_teacher, evaluation_mode=True)
     teacher_inputs = forward_inputs(accelerator.unwrap_model(soft_teacher)) if soft_teacher is not None else set()

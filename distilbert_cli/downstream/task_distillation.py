@@ -151,10 +151,7 @@ def distill_one(td: TaskDistillSettings, settings: TaskSettings, logger, task: S
     with_types = "token_type_ids" in inputs
     dev = encode_splits(task, data, scored_splits(data), tokenizer, settings, with_types)
     eval_batch = td.batch_size // accelerator.num_processes
-    validation = None
-    if VALIDATION in data.splits:
-        (held_out,) = encode_splits(task, data, [VALIDATION], tokenizer, settings, with_types).values()
-        validation = held_out_validation(task, tokenizer, held_out, settings, eval_batch, accelerator)
+    validation = held_out_validation(task, data, tokenizer, settings, with_types, eval_batch, accelerator)
     collator = DataCollatorWithPadding(tokenizer)
     resume_state = {"source": source, "task": task.name, "seed": seed, "transfer_rows": len(transfer)}
     checkpoints = {step: out.checkpoints / step for step in ("intermediate", "prediction")}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from distilbert_cli.artifacts import FinetuneRun, read_json
-from distilbert_cli.downstream.prediction import VALIDATION, evaluate, predict_splits, selection_score
+from distilbert_cli.downstream.prediction import VALIDATION, encode_splits, evaluate, predict_splits, selection_score
 from distilbert_cli.errors import UsageError
 from distilbert_cli.rundir import write_json_atomic
 from distilbert_cli.tasks.base import Task
@@ -123,9 +123,13 @@ def train_task_model(model: nn.Module, features, collator, make_loss: Callable[[
     return trained, steps
 
 
-def held_out_validation(task: Task, tokenizer, held_out: tuple, settings, batch_size: int, accelerator):
-    """`make_validation` for train_task_model: the task's score on the held-out examples ({VALIDATION: (examples,
-    features)}), higher is better."""
+def held_out_validation(task: Task, data, tokenizer, settings, with_types: bool, batch_size: int, accelerator):
+    """`make_validation` for train_task_model: the task's score on the training examples held out of `data` (its
+    VALIDATION split), higher is better; None when it holds none out."""
+    if VALIDATION not in data.splits:
+        return None
+    (held_out,) = encode_splits(task, data, [VALIDATION], tokenizer, settings, with_types).values()
+
     def make(model: nn.Module) -> Validation:
         def score() -> dict:
             examples, predictions = predict_splits(task, model, tokenizer, {VALIDATION: held_out}, settings,

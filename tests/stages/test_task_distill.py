@@ -238,3 +238,23 @@ def test_wandb_offline_files_appear_under_each_students_folder(runs, tmp_path, m
     run = TaskDistillOutputs(tmp_path / "run" / "task-distill").run("sst2", 56)
     (offline_run,) = (run.path / "wandb").glob("offline-run-*")
     assert list(offline_run.glob("*.wandb"))
+
+
+def test_model_selection_holds_training_examples_out_of_the_transfer_set(runs):
+    """With task_distill.eval_every, validation_split of the training examples are held out before the transfer set
+    is built (never the dev set): the student is scored on them every eval_every steps and the best step is kept."""
+    main = runs["main"]
+    run = main / "selection"
+    teacher = main / "finetune" / "teacher" / "sst2" / "seed-56" / "model"
+    distil("task-distill", f"run_dir={run}", "task.names=[sst2]", *SMALL, "augment=none",
+           f"task_distill.teacher={teacher}",
+           f"task_distill.student={main / 'distill' / 'final'}", "task_distill.eval_every=1",
+           "task_distill.validation_split=0.25", "task_distill.learning_rate=1e-3")
+    outputs = TaskDistillOutputs(run / "task-distill")
+    metrics = json.loads(outputs.run("sst2", 56).metrics.read_text())
+    assert metrics["validation_examples"] == 2
+    assert len(load_from_disk(str(outputs.transfer))) == 6  # 8 training examples, 2 held out, no copies
+    budget = metrics["budget"]
+    assert budget["total_steps"] == 3 and budget["chosen_step"] in (1, 2, 3)
+    evaluations = [line for line in read_jsonl(outputs.run("sst2", 56).loss_log) if "validation" in line]
+    assert [line["step"] for line in evaluations] == [1, 2, 3]
