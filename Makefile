@@ -40,7 +40,7 @@ mutation: install ## Mutation testing of the core maths (mutmut, ~30 min on 2 co
 demo: install ## Run the whole pipeline on the embedded default and write runs/demo/triple_loss/report/report.md
 	$(BIN)/python scripts/demo.py --root runs/demo
 
-reproduce: install ## The paper's Table 4 ablations at 10x the demo's budget, 3 seeds each (~75 min on 2 cores): docs/results-cpu.md
+reproduce: install ## The paper's Table 4 ablations at 10x the demo's budget, 3 seeds each (~50 min on 2 cores after make demo): docs/results-cpu.md
 	$(BIN)/python scripts/reproduce.py --root runs/reproduce
 
 clean: ## Remove the virtual environment, caches and mutation results (keeps runs/)

@@ -39,15 +39,18 @@ MEMBERS = ("triple_loss", "no_ce", "no_cos", "mlm_only", "random_init")
 
 
 def results_markdown(report: Path, command: str, seconds: float) -> str:
-    """docs/results-cpu.md: how the figures were made, then the report's own text (headings one level down)."""
+    """docs/results-cpu.md: how the figures were made, then the report's own text (headings one level down, paths
+    relative to the repository, its charts left in the run's report folder)."""
     import torch
 
     lines = ["# General distillation on a CPU: the paper's Table 4 at laptop scale", "",
              f"Made by `make reproduce` ({command}) on {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores, torch {torch.__version__}, in {seconds / 60:.0f} minutes of wall time "
-             "(set-up included). Every figure below is the run's own report (`distil report`), copied as it is.", ""]
-    lines += ["#" + line if line.startswith("#") else line for line in report.read_text().splitlines()]
-    return "\n".join(lines) + "\n"
+             "(the script's start to its end). Every figure below is the run's own report (`distil report`), copied as it is; its "
+             "charts are in the run's `report/` folder.", ""]
+    lines += ["#" + line if line.startswith("#") else line for line in report.read_text().splitlines()
+              if not line.startswith("![")]
+    return "\n".join(lines).replace(f"{REPO}/", "") + "\n"
 
 
 def main() -> None:
