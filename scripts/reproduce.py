@@ -46,8 +46,8 @@ def results_markdown(report: Path, command: str, seconds: float) -> str:
     lines = ["# General distillation on a CPU: the paper's Table 4 at laptop scale", "",
              f"Made by `make reproduce` ({command}) on {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores, torch {torch.__version__}, in {seconds / 60:.0f} minutes of wall time "
-             "(the script's start to its end). Every figure below is the run's own report (`distil report`), copied as it is; its "
-             "charts are in the run's `report/` folder.", ""]
+             "(the script's start to its end). Every figure below is the run's own report (`distil report`), copied "
+             "as it is; its charts are in the run's `report/` folder.", ""]
     lines += ["#" + line if line.startswith("#") else line for line in report.read_text().splitlines()
               if not line.startswith("![")]
     return "\n".join(lines).replace(f"{REPO}/", "") + "\n"
