@@ -2,15 +2,21 @@
 them, or builds them here when the run has no export of the model).
 
     onnx/model.onnx              fp32, batch and sequence axes dynamic (torch.onnx's dynamo exporter)
-    onnx_optimized/model.onnx    ONNX Runtime's transformer fusions (attention, SkipLayerNormalization, GELU) for
-                                 the families the optimizer supports (`Family.onnx_fusions`); the others unfused
-    onnx_int8/model.onnx         dynamic int8 of the optimized graph (MatMul weights; per channel as an option)
+    onnx_optimized/model.onnx    ONNX Runtime's transformer fusions (Attention, EmbedLayerNormalization,
+                                 SkipLayerNormalization, BiasGelu) for the families the optimizer supports
+                                 (`Family.onnx_fusions`); the others unfused
+    onnx_int8/model.onnx         dynamic int8 of the optimized graph (MatMul and attention weights; per channel as an
+                                 option)
     onnx_int8_static/model.onnx  static int8 (QDQ) of the optimized graph, calibrated on task rows (an option)
 
 optimum-onnx (the Hub's exporter) pins transformers below 5, so the export is torch.onnx's own: the dynamo exporter
 (torch.export), whose graph matches PyTorch to float rounding. A model that torch.export cannot capture (the
 BiLSTM packs each row's tokens to a data-dependent length) is exported by torch.onnx's TorchScript tracer instead,
 and the variant says so.
+
+ONNX Runtime's attention fusion matches the additive mask transformers 4 built, not transformers 5's (an indexed
+boolean mask), so a family with fusions is exported with the transformers-4 mask built in front of the model
+(`_AdditiveMask`), which transformers 5 passes through unchanged.
 """
 
 from __future__ import annotations
@@ -100,12 +106,17 @@ def export_fp32(model, sample: dict[str, np.ndarray], path: Path) -> str:
     inputs = {name: torch.from_numpy(array) for name, array in sample.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    family = find_family(model.config)
+    fusable = family is not None and family.onnx_fusions is not None and "attention_mask" in inputs
     try:
         with _quiet():
-            torch.onnx.export(model, (), str(path), kwargs=inputs, input_names=list(inputs), output_names=names,
+            # The exporter's own graph optimizer would merge the mask's two Unsqueeze nodes, which the attention
+            # fusion's pattern needs: ONNX Runtime optimizes the graph when it loads it in any case.
+            torch.onnx.export(_AdditiveMask(model) if fusable else model, (), str(path), kwargs=inputs,
+                              input_names=list(inputs), output_names=names,
                               dynamic_shapes={name: {0: batch, 1: sequence} for name in inputs}, dynamo=True,
-                              opset_version=OPSET, external_data=False, verbose=False)
-        return f"torch.onnx dynamo exporter, opset {OPSET}"
+                              opset_version=OPSET, external_data=False, verbose=False, optimize=not fusable)
+        return f"torch.onnx dynamo exporter, opset {OPSET}" + (", transformers-4 attention mask" if fusable else "")
     except torch.onnx.errors.OnnxExporterError as exc:
         reason = str(exc).split("## Exception summary")[-1].strip().splitlines()[0][:160]
         log.info("%s: torch.export cannot capture it (%s); tracing it with the TorchScript exporter", path, reason)
@@ -116,12 +127,31 @@ def export_fp32(model, sample: dict[str, np.ndarray], path: Path) -> str:
     return "torch.onnx TorchScript exporter, opset 17 (torch.export cannot capture this model)"
 
 
+class _AdditiveMask(torch.nn.Module):
+    """The model fed the additive 4-D attention mask as transformers 4 built it (expanded, inverted, the dtype's
+    minimum where a token is padding): the subgraph ONNX Runtime's attention fusion recognises."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.train(model.training)  # an exporter restores the wrapper's mode, and with it the model's, when done
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        batch, length = attention_mask.shape
+        expanded = attention_mask.unsqueeze(1).unsqueeze(2).expand(batch, 1, length, length).to(torch.float32)
+        inverted = 1.0 - expanded
+        additive = torch.where(inverted.to(torch.bool), torch.tensor(torch.finfo(torch.float32).min), inverted)
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=additive, **extra)
+
+
 class _NamedOutputs(torch.nn.Module):
     """The TorchScript tracer feeds positional inputs and wants a tuple back: name them, keep the named outputs."""
 
     def __init__(self, model, input_names: list[str], output_names: list[str]):
         super().__init__()
         self.model, self.input_names, self.output_names = model, input_names, output_names
+        self.train(model.training)  # the exporter restores the wrapper's mode, and with it the model's, when done
 
     def forward(self, *tensors):
         outputs = self.model(**dict(zip(self.input_names, tensors, strict=True)))
@@ -150,10 +180,16 @@ def optimize(source: Path, target: Path, config) -> tuple[str, dict[str, int], s
         kind = family.name if family is not None else config.model_type
         return ("unfused copy", {}, f"ONNX Runtime's transformer optimizer has no fusions for {kind} graphs: "
                 "left unfused (ONNX Runtime still applies its generic graph optimizations when it loads it)")
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    with _quiet():
-        optimized = optimize_model(str(source), model_type=family.onnx_fusions, num_heads=0, hidden_size=0)
+    options = FusionOptions(family.onnx_fusions)
+    # The 2-D mask itself, not the optimizer's default of one length per row (which is only right for masks
+    # that are all ones followed by all zeros).
+    options.use_raw_attention_mask(True)
+    with _quiet():  # the head count and width from the config: the exported reshapes are dynamic
+        optimized = optimize_model(str(source), model_type=family.onnx_fusions, optimization_options=options,
+                                   num_heads=config.num_attention_heads, hidden_size=config.hidden_size)
     optimized.save_model_to_file(str(target))
     fused = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
     return f"onnxruntime transformer optimizer (model_type {family.onnx_fusions})", fused, ""

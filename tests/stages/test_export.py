@@ -84,17 +84,23 @@ def test_every_variant_of_each_model_runs_and_matches_pytorch(finetuned_run):
         assert sizes["onnx_int8"] < sizes["onnx"] and sizes["onnx_int8_static"] < sizes["onnx"], sizes
         if name == "sst2":  # the BiLSTM's two texts share each LSTM: ONNX Runtime quantizes one of the two uses
             assert sizes["onnx_int8"] < 0.5 * sizes["onnx"], sizes
+        # parity.json's PyTorch reference ran after the export, in eval mode as the graphs were exported (a wrapper
+        # that an exporter puts back in training mode would switch dropout on in the model it wraps).
+        checked = json.loads(folder.parity.read_text())
+        for variant in ("onnx", "onnx_optimized"):
+            assert checked["variants"][variant]["max_abs_diff"] < FP32_ATOL, (name, variant, checked["variants"])
         labels = pipeline("text-classification", model=str(folder.path))(["the film was great"])
         assert labels[0]["label"] in model.config.id2label.values()
     # The BERT-family student is fused; the BiLSTM has no fusions (left unfused, with a note), and torch.export
     # cannot capture it, so it was traced.
     fused = onnx_models.graph_op_types(artifacts.ExportedModel(run / "export" / "sst2").variant("onnx_optimized"))
-    assert {"SkipLayerNormalization", "BiasGelu"} <= fused, fused
-    assert models["sst2"]["variants"]["onnx_optimized"]["fused_ops"]["SkipLayerNormalization"] == 4  # 2 per layer
+    assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= fused, fused
+    fused_ops = models["sst2"]["variants"]["onnx_optimized"]["fused_ops"]
+    assert (fused_ops["Attention"], fused_ops["SkipLayerNormalization"]) == (2, 4)  # per layer: 1 and 2
     assert "dynamo" in models["sst2"]["variants"]["onnx"]["how"]
     assert "TorchScript" in models["bilstm"]["variants"]["onnx"]["how"]
     assert "left unfused" in models["bilstm"]["variants"]["onnx_optimized"]["note"]
-    assert "DynamicQuantizeLinear" in onnx_models.graph_op_types(
+    assert {"DynamicQuantizeLinear", "QAttention"} <= onnx_models.graph_op_types(
         artifacts.ExportedModel(run / "export" / "sst2").variant("onnx_int8"))
     assert "QuantizeLinear" in onnx_models.graph_op_types(
         artifacts.ExportedModel(run / "export" / "sst2").variant("onnx_int8_static"))
@@ -177,9 +183,38 @@ def test_each_family_and_head_exports_and_matches_pytorch(tmp_path, family):
             assert entry["max_abs_diff"] < limit, (family, name, variant, entry)
             if "int8" not in variant:
                 assert entry["agreement"] == 100.0, (family, name, variant, entry)
-        assert bool(facts["variants"]["onnx_optimized"]["fused_ops"]) == (fusions is not None), facts
+        assert facts["variants"]["onnx_optimized"]["fused_ops"].get("Attention", 0) == (2 if fusions else 0), facts
     qa = json.loads(artifacts.ExportedModel(tmp_path / "run" / "export" / "qa").parity.read_text())
     assert qa["metric"] == "exact_match / f1" and qa["examples"] == 6
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_fused_attention_honours_any_mask_not_only_right_padding(tmp_path, family):
+    """The fused Attention reads the 2-D mask itself: a row whose mask has a hole in the middle (which a length per
+    row cannot express) matches PyTorch. Query and key weights are scaled up so that attention is sharp enough for
+    the masked positions to move the outputs."""
+    from transformers import AutoModel, AutoTokenizer
+
+    base = TINY_TEACHERS[family](tmp_path / "base", num_layers=2)
+    model = AutoModel.from_pretrained(base, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if any(part in name for part in ("query.weight", "key.weight", "q_lin.weight", "k_lin.weight")):
+                parameter.mul_(8.0)
+    names = onnx_models.model_input_names(model, tokenizer)
+    rows = [tokenizer("the film was great and the actors were good", "a long second text"), tokenizer("short")]
+    rows = [{name: row[name] for name in names} for row in rows]
+    graphs = onnx_models.build_variants(model, onnx_models.export_sample(rows, names, tokenizer.pad_token_id),
+                                        tmp_path / "graphs", ["onnx", "onnx_optimized"], per_channel=False)
+    assert graphs["onnx_optimized"].fused_ops["Attention"] == 2
+    batch = onnx_models.pad_batch(rows, names, tokenizer.pad_token_id)
+    batch["attention_mask"][0, 2:5] = 0
+    with torch.no_grad():
+        expected = model(**{name: torch.from_numpy(array) for name, array in batch.items()}).last_hidden_state.numpy()
+    for variant, graph in graphs.items():
+        got = onnx_models.OnnxModel(graph.path)(batch)["last_hidden_state"]
+        np.testing.assert_allclose(got, expected, atol=FP32_ATOL, err_msg=variant)
 
 
 def test_feature_extraction_of_any_checkpoint_and_of_a_bilstm_encoder(finetuned_run, tmp_path):
