@@ -110,12 +110,19 @@ def export_fp32(model, sample: dict[str, np.ndarray], path: Path) -> str:
     fusable = family is not None and family.onnx_fusions is not None and "attention_mask" in inputs
     try:
         with _quiet():
-            # The exporter's own graph optimizer would merge the mask's two Unsqueeze nodes, which the attention
-            # fusion's pattern needs: ONNX Runtime optimizes the graph when it loads it in any case.
-            torch.onnx.export(_AdditiveMask(model) if fusable else model, (), str(path), kwargs=inputs,
-                              input_names=list(inputs), output_names=names,
-                              dynamic_shapes={name: {0: batch, 1: sequence} for name in inputs}, dynamo=True,
-                              opset_version=OPSET, external_data=False, verbose=False, optimize=not fusable)
+            # The exporter's graph optimizer would merge the mask's two Unsqueeze nodes, which the attention
+            # fusion's pattern needs: it is off, and only its constant folding runs, below (ONNX Runtime's shape
+            # inference, which the fusions use, fails on an unfolded QA head's SplitToSequence).
+            program = torch.onnx.export(_AdditiveMask(model) if fusable else model, (), kwargs=inputs,
+                                        input_names=list(inputs), output_names=names,
+                                        dynamic_shapes={name: {0: batch, 1: sequence} for name in inputs},
+                                        dynamo=True, opset_version=OPSET, verbose=False, optimize=not fusable)
+        if fusable:
+            import onnxscript.optimizer
+
+            onnxscript.optimizer.fold_constants(program.model)
+            onnxscript.optimizer.remove_unused_nodes(program.model)
+        program.save(str(path), external_data=False)
         return f"torch.onnx dynamo exporter, opset {OPSET}" + (", transformers-4 attention mask" if fusable else "")
     except torch.onnx.errors.OnnxExporterError as exc:
         reason = str(exc).split("## Exception summary")[-1].strip().splitlines()[0][:160]

@@ -157,8 +157,8 @@ def test_a_variant_more_than_max_metric_drop_below_pytorch_is_not_recommended():
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "electra", "deberta-v2", "modernbert", "distilbert"])
 def test_each_family_and_head_exports_and_matches_pytorch(tmp_path, family):
-    """Question answering (SQuAD fixture), masked LM and plain encoder heads of each family's tiny model: every
-    variant within tolerance of PyTorch, fusions where the family has them."""
+    """Question answering (SQuAD fixture) and masked LM heads of each family's tiny model: every variant within
+    tolerance of PyTorch, every layer's attention and layer norms fused where the family has fusions."""
     from transformers import AutoConfig, AutoModelForQuestionAnswering
 
     from distilbert_cli.models.families import find_family
@@ -183,7 +183,9 @@ def test_each_family_and_head_exports_and_matches_pytorch(tmp_path, family):
             assert entry["max_abs_diff"] < limit, (family, name, variant, entry)
             if "int8" not in variant:
                 assert entry["agreement"] == 100.0, (family, name, variant, entry)
-        assert facts["variants"]["onnx_optimized"]["fused_ops"].get("Attention", 0) == (2 if fusions else 0), facts
+        fused = facts["variants"]["onnx_optimized"]["fused_ops"]
+        expected = (2, 4) if fusions else (0, 0)  # per layer: one Attention, two SkipLayerNormalization
+        assert (fused.get("Attention", 0), fused.get("SkipLayerNormalization", 0)) == expected, (family, name, fused)
     qa = json.loads(artifacts.ExportedModel(tmp_path / "run" / "export" / "qa").parity.read_text())
     assert qa["metric"] == "exact_match / f1" and qa["examples"] == 6
 
